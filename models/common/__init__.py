@@ -1,0 +1,1 @@
+"""Layers shared by every model family: attention with KV cache, RoPE, norms, sampling."""

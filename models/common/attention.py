@@ -1,0 +1,94 @@
+"""Causal self-attention on top of ``F.scaled_dot_product_attention``, rotary positions, and a static KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.common.errors import ModelError
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for ``max_len`` positions.
+
+    Preallocation keeps a decode step O(context) with no reallocation, so a step at 2048 tokens of context
+    costs about what a step at 128 does (the attention read is small next to the matmuls).
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_len: int, head_dim: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (n_layers, batch_size, n_heads, max_len, head_dim)
+        self.k_LBHSD = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_LBHSD = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # positions already written (the same for every layer once a forward has finished)
+
+    def update(self, layer: int, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys/values of ``layer`` and return all keys/values up to and including them."""
+        start, end = self.length, self.length + k_BHTD.size(2)
+        if end > self.max_len:
+            raise ModelError(f"KV cache is full: {end} positions requested, {self.max_len} allocated; "
+                             "allocate a larger cache (max_len) or shorten the prompt plus max_new_tokens")
+        self.k_LBHSD[layer, :, :, start:end] = k_BHTD
+        self.v_LBHSD[layer, :, :, start:end] = v_BHTD
+        return self.k_LBHSD[layer, :, :, :end], self.v_LBHSD[layer, :, :, :end]
+
+    def advance(self, n_tokens: int) -> None:
+        self.length += n_tokens
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE) with cos/sin tables precomputed for ``max_seq_len`` positions."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ModelError(f"RoPE needs an even head dimension, got {head_dim}; change d_model or n_heads")
+        inv_freq_F = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles_SF = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq_F)
+        self.register_buffer("cos_SF", angles_SF.cos(), persistent=False)
+        self.register_buffer("sin_SF", angles_SF.sin(), persistent=False)
+
+    def forward(self, x_BHTD: torch.Tensor, start: int) -> torch.Tensor:
+        T = x_BHTD.size(2)
+        cos_TF = self.cos_SF[start:start + T].to(x_BHTD.dtype)
+        sin_TF = self.sin_SF[start:start + T].to(x_BHTD.dtype)
+        x1, x2 = x_BHTD[..., 0::2], x_BHTD[..., 1::2]
+        rotated = torch.stack((x1 * cos_TF - x2 * sin_TF, x1 * sin_TF + x2 * cos_TF), dim=-1)
+        return rotated.flatten(-2)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention; one fused QKV projection; optional RoPE; reads/writes a ``KVCache``."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float, bias: bool, rope: RotaryEmbedding | None):
+        super().__init__()
+        if d_model % n_heads:
+            raise ModelError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.dropout = dropout
+        self.rope = rope
+
+    def forward(self, x_BTD: torch.Tensor, layer: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        q_BHTD, k_BHTD, v_BHTD = (self.qkv(x_BTD).view(B, T, 3, self.n_heads, self.head_dim)
+                                  .permute(2, 0, 3, 1, 4).unbind(0))
+        start = cache.length if cache is not None else 0
+        if self.rope is not None:
+            q_BHTD, k_BHTD = self.rope(q_BHTD, start), self.rope(k_BHTD, start)
+        if cache is not None:
+            k_BHSD, v_BHSD = cache.update(layer, k_BHTD, v_BHTD)
+        else:
+            k_BHSD, v_BHSD = k_BHTD, v_BHTD
+        dropout = self.dropout if self.training else 0.0
+        if start == 0:
+            y_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, dropout_p=dropout, is_causal=True)
+        elif T == 1:  # one new token attends to the whole cache: no mask needed
+            y_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, dropout_p=dropout)
+        else:  # a chunk appended to a non-empty cache: query i sees keys 0 .. start + i
+            mask_TS = torch.ones(T, start + T, dtype=torch.bool, device=x_BTD.device).tril(diagonal=start)
+            y_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask_TS, dropout_p=dropout)
+        return self.proj(y_BHTD.transpose(1, 2).reshape(B, T, D))
