@@ -1,0 +1,21 @@
+"""Shared semantic memory: a FAISS index with a durable text/metadata store, in-process or as a named Ray actor.
+
+Example::
+
+    >>> import numpy as np, tempfile
+    >>> from memory_service import LocalMemory, MemoryConfig
+    >>> with LocalMemory(MemoryConfig(dim=8, path=tempfile.mkdtemp())) as mem:
+    ...     ids = mem.add(np.random.rand(3, 8).astype(np.float32), ["a", "b", "c"])
+    ...     mem.stats()["count"]
+    3
+
+For the shared service, ``get_or_create_memory("semantic", MemoryConfig(dim=..., path=...))`` returns a client
+with the same methods (see memory_service.actor).
+"""
+
+from memory_service.actor import MemoryClient, get_or_create_memory
+from memory_service.config import MemoryConfig
+from memory_service.errors import MemoryServiceError
+from memory_service.local import Hit, LocalMemory, SearchHits
+
+__all__ = ["Hit", "LocalMemory", "MemoryClient", "MemoryConfig", "MemoryServiceError", "SearchHits", "get_or_create_memory"]

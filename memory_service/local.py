@@ -1,0 +1,420 @@
+"""LocalMemory: the in-process semantic memory (index + durable store + write-ahead log + snapshots).
+
+The Ray actor wraps exactly this class, so both implementations share every behaviour.
+
+Concurrency: one writer at a time (add/remove/snapshot hold `_writer`), and an index read/write lock so
+searches run in parallel with each other and only wait while a write mutates FAISS (which is not safe to
+mutate during a search).
+
+Directory layout under `config.path`::
+
+    store.sqlite              entries (id, text, metadata JSON), write-ahead log, counters, config
+    snapshots/index-SEQ.faiss FAISS index covering the log up to SEQ (written to .tmp, fsynced, renamed)
+    snapshots/lru-SEQ.npy     last-retrieved tick per id at that snapshot (for eviction='lru')
+    LOCK                      flock held while a process has the memory open
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import faiss
+import numpy as np
+
+from memory_service.config import STRUCTURAL_FIELDS, MemoryConfig
+from memory_service.errors import MemoryServiceError
+from memory_service.index import VectorIndex
+from memory_service.store import Store
+from memory_service.validation import check_ids, check_k, check_metadata, check_texts, check_vectors
+
+
+class Hit(NamedTuple):
+    """One neighbour of one query."""
+
+    id: int
+    score: float
+    text: str
+    metadata: dict | None
+
+
+class SearchHits(NamedTuple):
+    """Neighbours of Q queries, best first. Unpacks as ``ids_QK, scores_QK, texts, metadata``.
+
+    Where the memory holds fewer than k entries the trailing slots have id -1, score NaN, text None.
+    Scores are cosine similarity / inner product (higher is closer) or squared L2 distance (lower is closer).
+    """
+
+    ids_QK: np.ndarray
+    scores_QK: np.ndarray
+    texts: list[list[str | None]]
+    metadata: list[list[dict | None]]
+
+    def query(self, q: int) -> list[Hit]:
+        """The real hits of query q (padding dropped)."""
+        return [Hit(int(i), float(s), t, m) for i, s, t, m in
+                zip(self.ids_QK[q], self.scores_QK[q], self.texts[q], self.metadata[q]) if i >= 0]
+
+
+class _ReadWriteLock:
+    """Many readers or one writer; a waiting writer blocks new readers so a stream of searches cannot starve it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class LocalMemory:
+    """An in-process semantic memory.
+
+    Example::
+
+        >>> import numpy as np, tempfile
+        >>> from memory_service import LocalMemory, MemoryConfig
+        >>> mem = LocalMemory(MemoryConfig(dim=4, metric="l2", path=tempfile.mkdtemp()))
+        >>> ids = mem.add(np.eye(2, 4, dtype=np.float32), ["north", "east"], [{"src": "a"}, None])
+        >>> hits = mem.search(np.eye(1, 4, dtype=np.float32), k=1)
+        >>> hits.texts[0], hits.ids_QK[0].tolist(), hits.metadata[0]
+        (['north'], [0], [{'src': 'a'}])
+        >>> mem.remove(ids[:1]); mem.stats()["count"]
+        1
+        >>> mem.close()
+    """
+
+    def __init__(self, config: MemoryConfig | None = None, **overrides) -> None:
+        config = config or MemoryConfig()
+        if overrides:
+            config = MemoryConfig.from_dict({**config.to_dict(), **overrides})
+        self.config = config
+        self._ephemeral = config.path is None
+        self.directory = tempfile.mkdtemp(prefix="memtrain-memory-") if self._ephemeral else os.path.abspath(config.path)
+        self._writer = threading.Lock()
+        self._rw = _ReadWriteLock()
+        self._ticks = itertools.count(1)  # next() on a count is atomic under the GIL: searches may call it concurrently
+        self._searches = 0
+        self._counter_lock = threading.Lock()
+        self._closed = True
+        if config.faiss_threads:
+            faiss.omp_set_num_threads(config.faiss_threads)
+        os.makedirs(os.path.join(self.directory, "snapshots"), exist_ok=True)
+        self._lock_file = self._take_directory_lock()
+        try:
+            self._open()
+        except BaseException:
+            self._lock_file.close()
+            raise
+
+    # ----- opening and recovery -----------------------------------------------------------------------
+    def _take_directory_lock(self):
+        lock_file = open(os.path.join(self.directory, "LOCK"), "a+")
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.close()
+            raise MemoryServiceError(f"the memory at {self.directory} is already open in another LocalMemory or process; "
+                                     "close that one first, or share it through get_or_create_memory(...)") from None
+        return lock_file
+
+    def _open(self) -> None:
+        """Load the last snapshot, replay the log after it, and rebuild the id bookkeeping from the store."""
+        started = time.perf_counter()
+        self._store = Store(os.path.join(self.directory, "store.sqlite"), fsync=self.config.fsync and not self._ephemeral)
+        stored = self._store.stored_config()
+        if stored is None:
+            self._store.save_config(self.config.to_dict())
+        else:
+            differing = {f: (stored.get(f), getattr(self.config, f)) for f in STRUCTURAL_FIELDS
+                         if stored.get(f) != getattr(self.config, f)}
+            if differing:
+                self._store.close()
+                raise MemoryServiceError(
+                    f"the memory at {self.directory} was created with a different config: "
+                    + ", ".join(f"{f} stored={a!r} requested={b!r}" for f, (a, b) in differing.items())
+                    + "; use the stored values or a new path")
+        counters = self._store.counters()
+        self._next_id = counters["next_id"]
+        self._evicted_total = counters["evicted_total"]
+        self._removed_total = counters["removed_total"]
+        self._snapshot_seq = counters["snapshot_seq"]
+        index_file = self._snapshot_file("index", self._snapshot_seq)
+        self._index = (VectorIndex.load(self.config, index_file) if self._snapshot_seq
+                       else VectorIndex(self.config))
+        replayed = 0
+        for _seq, op, ids_N, vectors_ND in self._store.log_since(self._snapshot_seq, self.config.dim):
+            if op == "add":
+                self._index.add(ids_N, vectors_ND)
+                replayed += ids_N.size
+            else:
+                self._index.remove(ids_N)
+        self._logged_vectors = self._store.logged_vectors(self.config.dim)
+        live_ids_N = self._store.live_ids()
+        self._index.reconcile(live_ids_N)
+        self._alive_I = np.zeros(max(self._next_id, 1024), dtype=bool)
+        self._alive_I[live_ids_N] = True
+        self._count = int(live_ids_N.size)
+        self._last_used_I = np.zeros_like(self._alive_I, dtype=np.int64)
+        lru_file = self._snapshot_file("lru", self._snapshot_seq)
+        if self._snapshot_seq and os.path.exists(lru_file):
+            saved_I = np.load(lru_file, allow_pickle=False)
+            self._last_used_I[:saved_I.size] = saved_I
+            self._ticks = itertools.count(int(saved_I.max(initial=0)) + 1)
+        self._remove_stale_snapshot_files()
+        self._closed = False
+        self._recovery = {"seconds": time.perf_counter() - started, "replayed_vectors": replayed}
+
+    def _snapshot_file(self, kind: str, seq: int) -> str:
+        suffix = "faiss" if kind == "index" else "npy"
+        return os.path.join(self.directory, "snapshots", f"{kind}-{seq:012d}.{suffix}")
+
+    def _remove_stale_snapshot_files(self) -> None:
+        """Files of older snapshots, and of a newer one a crash left unrecorded, are not needed."""
+        keep = {self._snapshot_file("index", self._snapshot_seq), self._snapshot_file("lru", self._snapshot_seq)}
+        for file in glob.glob(os.path.join(self.directory, "snapshots", "*")):
+            if file not in keep:
+                os.remove(file)
+
+    # ----- writes -------------------------------------------------------------------------------------
+    def add(self, vectors_ND: np.ndarray, texts: list[str], metadata: list[dict | None] | None = None) -> np.ndarray:
+        """Store vectors with their texts (and optional JSON-able metadata dicts); returns their new int64 ids.
+
+        Durable when it returns: the write-ahead log holds the batch. At capacity, the oldest (or least recently
+        retrieved) entries are evicted first, in the same atomic write.
+        """
+        vectors_ND = check_vectors(vectors_ND, self.config.dim, "vectors", self.config.metric == "cosine")
+        n = vectors_ND.shape[0]
+        texts = check_texts(texts, n)
+        metas = check_metadata(metadata, n)
+        capacity = self.config.capacity
+        if capacity and n > capacity:
+            raise MemoryServiceError(f"a batch of {n} vectors is larger than the capacity {capacity}; split it or raise "
+                                     "MemoryConfig.capacity")
+        with self._writer:
+            self._check_open()
+            victims_V = self._pick_victims(self._count + n - capacity) if capacity else np.empty(0, np.int64)
+            ids_N = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+            counters = {"next_id": self._next_id + n, "evicted_total": self._evicted_total + victims_V.size}
+            if victims_V.size:
+                # Deleting rows a concurrent search may be about to read: commit and apply under the index lock.
+                with self._rw.write():
+                    self._store.write_add(ids_N, texts, metas, vectors_ND, victims_V, counters)
+                    self._apply_add(ids_N, vectors_ND, victims_V)
+            else:
+                # New rows are invisible until FAISS holds their ids, so searches keep running during the commit.
+                self._store.write_add(ids_N, texts, metas, vectors_ND, victims_V, counters)
+                with self._rw.write():
+                    self._apply_add(ids_N, vectors_ND, victims_V)
+            self._next_id += n
+            self._evicted_total += int(victims_V.size)
+            self._logged_vectors += n
+            self._maybe_auto_snapshot()
+        return ids_N
+
+    def _apply_add(self, ids_N: np.ndarray, vectors_ND: np.ndarray, victims_V: np.ndarray) -> None:
+        if victims_V.size:
+            self._index.remove(victims_V)
+            self._alive_I[victims_V] = False
+        self._index.add(ids_N, vectors_ND)
+        needed = int(ids_N[-1]) + 1
+        if needed > self._alive_I.size:
+            grown = max(needed, 2 * self._alive_I.size)
+            self._alive_I = np.concatenate([self._alive_I, np.zeros(grown - self._alive_I.size, bool)])
+            self._last_used_I = np.concatenate([self._last_used_I, np.zeros(grown - self._last_used_I.size, np.int64)])
+        self._alive_I[ids_N] = True
+        self._last_used_I[ids_N] = next(self._ticks)
+        self._count += ids_N.size - victims_V.size
+
+    def _pick_victims(self, n: int) -> np.ndarray:
+        """The n entries to evict: smallest ids ('oldest'), or least recently retrieved then oldest ('lru')."""
+        if n <= 0:
+            return np.empty(0, np.int64)
+        live_L = np.flatnonzero(self._alive_I[:self._next_id])
+        if self.config.eviction == "oldest":
+            return live_L[:n].astype(np.int64)
+        order_L = np.argsort(self._last_used_I[live_L], kind="stable")  # stable: ties go to the smaller (older) id
+        return live_L[order_L[:n]].astype(np.int64)
+
+    def remove(self, ids: np.ndarray | list[int]) -> int:
+        """Delete entries by id; refuses (and removes nothing) if any id is unknown or already removed."""
+        ids_N = check_ids(ids)
+        with self._writer:
+            self._check_open()
+            in_range_N = (ids_N >= 0) & (ids_N < self._next_id)
+            known_N = in_range_N.copy()
+            known_N[in_range_N] = self._alive_I[ids_N[in_range_N]]
+            if not known_N.all():
+                unknown = ids_N[~known_N]
+                raise MemoryServiceError(f"unknown id(s) {unknown[:10].tolist()}{' ...' if unknown.size > 10 else ''}: "
+                                         "never added, or already removed or evicted; nothing was removed")
+            with self._rw.write():
+                self._store.write_remove(ids_N, {"removed_total": self._removed_total + ids_N.size})
+                self._index.remove(ids_N)
+                self._alive_I[ids_N] = False
+                self._count -= ids_N.size
+            self._removed_total += int(ids_N.size)
+        return int(ids_N.size)
+
+    # ----- reads --------------------------------------------------------------------------------------
+    def search(self, queries_QD: np.ndarray, k: int = 10) -> SearchHits:
+        """The k nearest entries of each query: ids, scores, texts and metadata, best first."""
+        queries_QD = check_vectors(queries_QD, self.config.dim, "queries", self.config.metric == "cosine")
+        k = check_k(k)
+        with self._rw.read():
+            self._check_open()
+            scores_QK, ids_QK = self._index.search(queries_QD, k)
+            found_QK = ids_QK >= 0
+            unique_U = np.unique(ids_QK[found_QK])
+            rows = self._store.fetch(unique_U)
+            if len(rows) != unique_U.size:
+                missing = sorted(set(unique_U.tolist()) - set(rows))[:10]
+                raise MemoryServiceError(f"ids {missing} are in the index but not in the store; the memory directory "
+                                         "is inconsistent — call restore() or restore the directory from a backup")
+            self._last_used_I[unique_U] = next(self._ticks)
+        with self._counter_lock:
+            self._searches += queries_QD.shape[0]
+        scores_QK = np.where(found_QK, scores_QK, np.float32(np.nan))
+        decoded = {i: (text, None if meta is None else json.loads(meta)) for i, (text, meta) in rows.items()}
+        empty = (None, None)
+        entries = [[decoded.get(i, empty) for i in row] for row in ids_QK.tolist()]
+        return SearchHits(ids_QK, scores_QK, [[e[0] for e in row] for row in entries], [[e[1] for e in row] for row in entries])
+
+    def get(self, ids: np.ndarray | list[int]) -> list[tuple[str, dict | None]]:
+        """(text, metadata) of each id, in order; refuses unknown ids."""
+        ids_N = check_ids(ids)
+        with self._rw.read():
+            self._check_open()
+            rows = self._store.fetch(ids_N)
+        unknown = [i for i in ids_N.tolist() if i not in rows]
+        if unknown:
+            raise MemoryServiceError(f"unknown id(s) {unknown[:10]}: never added, or removed or evicted")
+        return [(rows[i][0], None if rows[i][1] is None else json.loads(rows[i][1])) for i in ids_N.tolist()]
+
+    def stats(self) -> dict:
+        """Counts, index state and durability figures, as a JSON-able dict."""
+        with self._rw.read():
+            self._check_open()
+            return {
+                "count": self._count,
+                "dim": self.config.dim,
+                "metric": self.config.metric,
+                "index": self._index.kind,
+                "nlist": self._index.nlist,
+                "nprobe": self.config.nprobe if self._index.nlist else 0,
+                "tombstones": self._index.tombstones,
+                "gpu": self._index.on_gpu,
+                "capacity": self.config.capacity,
+                "eviction": self.config.eviction,
+                "added_total": self._next_id,
+                "evicted_total": self._evicted_total,
+                "removed_total": self._removed_total,
+                "searched_queries": self._searches,
+                "next_id": self._next_id,
+                "snapshot_seq": self._snapshot_seq,
+                "logged_vectors_since_snapshot": self._logged_vectors,
+                "last_recovery_seconds": round(self._recovery["seconds"], 4),
+                "last_recovery_replayed_vectors": self._recovery["replayed_vectors"],
+                "faiss_threads": faiss.omp_get_max_threads(),
+                "path": None if self._ephemeral else self.directory,
+            }
+
+    # ----- durability ---------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Write the index atomically and truncate the log it covers; searches keep running meanwhile."""
+        if self._ephemeral:
+            raise MemoryServiceError("this memory has no path (MemoryConfig.path=None), so there is nowhere durable to "
+                                     "snapshot to; create it with MemoryConfig(path=...)")
+        with self._writer:
+            self._check_open()
+            return self._snapshot_locked()
+
+    def _snapshot_locked(self) -> dict:
+        started = time.perf_counter()
+        seq = self._store.last_seq()
+        if seq != self._snapshot_seq:
+            # Writers are excluded (we hold _writer) and searches never mutate FAISS, so reading it is safe.
+            self._index.save(self._snapshot_file("index", seq))
+            lru_file = self._snapshot_file("lru", seq)
+            with open(lru_file + ".tmp", "wb") as f:
+                np.save(f, self._last_used_I[:self._next_id], allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(lru_file + ".tmp", lru_file)
+            self._store.mark_snapshot(seq)  # the commit point: before it, recovery uses the previous snapshot
+            self._snapshot_seq = seq
+            self._logged_vectors = 0
+            self._remove_stale_snapshot_files()
+        return {"snapshot_seq": seq, "count": self._count, "seconds": round(time.perf_counter() - started, 4)}
+
+    def _maybe_auto_snapshot(self) -> None:
+        if not self._ephemeral and self.config.snapshot_every and self._logged_vectors >= self.config.snapshot_every:
+            self._snapshot_locked()
+
+    def restore(self) -> dict:
+        """Drop the in-memory state and reload it from disk (last snapshot + log), as after a crash."""
+        with self._writer, self._rw.write():
+            self._check_open()
+            self._store.close()
+            self._closed = True
+            self._open()
+        return dict(self._recovery)
+
+    def close(self) -> None:
+        """Release the directory (an ephemeral memory's directory is deleted). Safe to call twice."""
+        with self._writer, self._rw.write():
+            if self._closed:
+                return
+            self._closed = True
+            self._store.close()
+            self._lock_file.close()
+            if self._ephemeral:
+                shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> LocalMemory:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MemoryServiceError("this memory is closed; open it again with LocalMemory(config)")

@@ -1,0 +1,159 @@
+"""Durable store: texts and metadata, the write-ahead log and the service state, in one SQLite database (WAL mode).
+
+One SQLite transaction per acknowledged write holds the entry rows, the log record (ids, and for adds the
+float32 vectors) and the counters together, so a crash leaves either all of a write or none of it. The log
+only holds what happened since the last snapshot; a snapshot truncates it. Nothing here is pickled: rows are
+text, JSON and raw little-endian int64/float32 bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+from memory_service.errors import MemoryServiceError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (id INTEGER PRIMARY KEY, text TEXT NOT NULL, meta TEXT);
+CREATE TABLE IF NOT EXISTS wal (seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, ids BLOB NOT NULL, vectors BLOB);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+# Counters kept in the state table, updated in the same transaction as the write they count.
+COUNTERS = ("next_id", "snapshot_seq", "evicted_total", "removed_total")
+
+
+class Store:
+    """SQLite-backed entries + write-ahead log. Writes come from one thread at a time (the caller's writer lock);
+    reads use one connection per thread so concurrent searches do not share a cursor."""
+
+    def __init__(self, db_path: str, fsync: bool) -> None:
+        self.db_path = db_path
+        self._fsync = fsync
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._writer = self._connect()
+        self._writer.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise MemoryServiceError(f"SQLite at {self.db_path} refused WAL mode (got {mode!r}); put the memory path on a "
+                                     "local filesystem (network filesystems cannot host SQLite WAL)")
+        # NORMAL in WAL mode: a commit reaches the OS before we acknowledge, so it survives a killed process;
+        # FULL also fsyncs, so it survives power loss.
+        conn.execute(f"PRAGMA synchronous={'FULL' if self._fsync else 'NORMAL'}")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        self._writer.close()
+
+    # ----- state --------------------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        rows = dict(self._writer.execute("SELECT key, value FROM state").fetchall())
+        return {name: int(rows.get(name, 0)) for name in COUNTERS}
+
+    def stored_config(self) -> dict | None:
+        row = self._writer.execute("SELECT value FROM state WHERE key = 'config'").fetchone()
+        return json.loads(row[0]) if row else None
+
+    def save_config(self, config: dict) -> None:
+        self._writer.execute("INSERT OR REPLACE INTO state VALUES ('config', ?)", (json.dumps(config),))
+
+    def _set_counters(self, values: dict[str, int]) -> None:
+        self._writer.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", [(k, str(int(v))) for k, v in values.items()])
+
+    # ----- writes (one transaction each) -------------------------------------------------------------
+    def write_add(self, ids_N: np.ndarray, texts: list[str], metas: list[str | None], vectors_ND: np.ndarray,
+                  victims_V: np.ndarray, counters: dict[str, int]) -> None:
+        """Evict victims_V (if any) and add the entries, logging both, atomically."""
+        with self._transaction():
+            if victims_V.size:
+                self._delete_entries(victims_V)
+                self._writer.execute("INSERT INTO wal (op, ids) VALUES ('remove', ?)", (victims_V.astype("<i8").tobytes(),))
+            self._writer.executemany("INSERT INTO entries VALUES (?, ?, ?)", zip(ids_N.tolist(), texts, metas))
+            self._writer.execute("INSERT INTO wal (op, ids, vectors) VALUES ('add', ?, ?)",
+                                 (ids_N.astype("<i8").tobytes(), vectors_ND.astype("<f4").tobytes()))
+            self._set_counters(counters)
+
+    def write_remove(self, ids_N: np.ndarray, counters: dict[str, int]) -> None:
+        with self._transaction():
+            self._delete_entries(ids_N)
+            self._writer.execute("INSERT INTO wal (op, ids) VALUES ('remove', ?)", (ids_N.astype("<i8").tobytes(),))
+            self._set_counters(counters)
+
+    def mark_snapshot(self, seq: int) -> None:
+        """The snapshot file for `seq` is on disk: drop the log it covers."""
+        with self._transaction():
+            self._set_counters({"snapshot_seq": seq})
+            self._writer.execute("DELETE FROM wal WHERE seq <= ?", (seq,))
+
+    def _delete_entries(self, ids_N: np.ndarray) -> None:
+        self._writer.executemany("DELETE FROM entries WHERE id = ?", ((i,) for i in ids_N.tolist()))
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._writer.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._writer.execute("COMMIT")
+        except sqlite3.Error as err:
+            if self._writer.in_transaction:
+                self._writer.execute("ROLLBACK")
+            raise MemoryServiceError(f"could not write to {self.db_path}: {err}; check free disk space and "
+                                     "permissions — nothing of this call was written") from err
+        except BaseException:
+            if self._writer.in_transaction:
+                self._writer.execute("ROLLBACK")
+            raise
+
+    # ----- reads --------------------------------------------------------------------------------------
+    def fetch(self, ids_U: np.ndarray) -> dict[int, tuple[str, str | None]]:
+        """id -> (text, metadata JSON or None) for the given unique ids."""
+        if ids_U.size == 0:
+            return {}
+        # The ids are int64 values from our own index, so inlining them is safe, and about 2x faster than
+        # binding hundreds of parameters.
+        id_list = ",".join(str(i) for i in ids_U.tolist())
+        rows = self._reader().execute(f"SELECT id, text, meta FROM entries WHERE id IN ({id_list})").fetchall()
+        return {row[0]: (row[1], row[2]) for row in rows}
+
+    def live_ids(self) -> np.ndarray:
+        rows = self._writer.execute("SELECT id FROM entries ORDER BY id").fetchall()
+        return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+
+    def last_seq(self) -> int:
+        row = self._writer.execute("SELECT seq FROM sqlite_sequence WHERE name = 'wal'").fetchone()
+        return int(row[0]) if row else 0
+
+    def log_since(self, seq: int, dim: int) -> Iterator[tuple[int, str, np.ndarray, np.ndarray | None]]:
+        """(seq, op, ids_N, vectors_ND or None) for every log record after `seq`, in order."""
+        for row_seq, op, ids_blob, vectors_blob in self._writer.execute(
+                "SELECT seq, op, ids, vectors FROM wal WHERE seq > ? ORDER BY seq", (seq,)):
+            ids_N = np.frombuffer(ids_blob, dtype="<i8").astype(np.int64)
+            vectors_ND = None if vectors_blob is None else np.frombuffer(vectors_blob, dtype="<f4").reshape(-1, dim)
+            yield row_seq, op, ids_N, vectors_ND
+
+    def logged_vectors(self, dim: int) -> int:
+        """Vectors in the log since the last snapshot (what recovery would replay)."""
+        row = self._writer.execute("SELECT COALESCE(SUM(LENGTH(vectors)), 0) FROM wal").fetchone()
+        return int(row[0]) // (4 * dim)
