@@ -25,6 +25,8 @@ from models.common.errors import ModelError
 
 FAMILY_MODULES = (
     "models.tgsmn.dense",
+    "models.hmst.model",
+    "models.tgsmn.sparse",
 )
 
 

@@ -1,0 +1,249 @@
+"""TG-SMN's sparse memory LM: every FFN is a hierarchical layer of G groups x M low-rank experts.
+
+Per token: a group router picks one of G groups (top-1), a per-group router picks the top-k of that group's M
+experts, and the output is the gate-weighted sum of ``act(x @ W1[e]) @ W2[e]`` over the k chosen experts.
+What differs from the source (spec §1.3, §5):
+
+- the group router is trained (B1): its chosen probability enters the gate as ``p / p.detach()``, a
+  straight-through factor that is exactly 1 in the forward pass (so the k gates still sum to 1, as in the
+  source) and carries the gradient ``<dL/dy, y> / p`` to the group router;
+- a load-balancing loss over groups and experts (B2), weighted by ``balance_weight``;
+- dispatch sorts the token-slots by expert once and runs two batched matmuls over experts padded to a
+  capacity (S2: the source gathered a copy of the expert weights for every token).
+
+Example::
+
+    >>> import torch
+    >>> from models.registry import build_model
+    >>> model = build_model("tgsmn-sparse-tiny", vocab_size=300)
+    >>> out = model(torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16)))
+    >>> sorted(out.stats)
+    ['dropped_frac', 'expert_utilization', 'group_entropy', 'routing_entropy']
+    >>> model.set_routing(k=1, noise=0.3, temperature=0.8)
+    >>> model.routing
+    RoutingKnobs(k=1, noise=0.3, temperature=0.8)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.common.errors import ModelError
+from models.common.transformer import FFNOutput, TransformerConfig, TransformerLM
+
+
+@dataclass
+class SparseLMConfig(TransformerConfig):
+    """Sparse TG-SMN LM: the backbone's fields plus the expert layer's. ``d_ff`` is unused (experts have rank r)."""
+
+    n_experts: int = 256
+    """Total experts E per layer, split into E / group_size groups."""
+    group_size: int = 32
+    """Experts per group M; the group router chooses among E / M groups, the expert router among M experts."""
+    expert_rank: int = 16
+    """Hidden width r of each low-rank expert act(x @ W1 (d, r)) @ W2 (r, d)."""
+    max_k: int = 2
+    """Most experts per token that set_routing may ask for; the model starts at k = max_k."""
+    router_noise: float = 0.0
+    """Initial std of the Gaussian noise added to expert-router logits in training (set_routing changes it)."""
+    router_temperature: float = 1.0
+    """Initial softmax temperature of the gate over the k chosen experts (set_routing changes it)."""
+    balance_weight: float = 0.01
+    """Weight of the load-balancing loss (group term + expert term, each 1.0 at perfect balance); 0 disables."""
+    capacity_factor: float = 4.0
+    """Token-slots an expert takes per batch, as a multiple of the mean load N*k/E; extra slots are dropped."""
+    min_capacity: int = 64
+    """Capacity floor, so small batches (generation) never drop: an expert gets at most one slot per token."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("n_experts", "group_size", "expert_rank", "max_k", "min_capacity"):
+            if getattr(self, name) <= 0:
+                raise ModelError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_experts % self.group_size:
+            raise ModelError(f"n_experts={self.n_experts} must be divisible by group_size={self.group_size}; "
+                             f"pick n_experts as a multiple of group_size (e.g. {self.group_size * 8})")
+        if self.max_k > self.group_size:
+            raise ModelError(f"max_k={self.max_k} exceeds group_size={self.group_size}: top-k is taken inside "
+                             "one group; lower max_k or raise group_size")
+        _check_knobs(self.max_k, self.router_noise, self.router_temperature, self.max_k)
+        if self.balance_weight < 0:
+            raise ModelError(f"balance_weight must be >= 0, got {self.balance_weight}")
+        if self.capacity_factor <= 0:
+            raise ModelError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+
+
+def _check_knobs(k: int, noise: float, temperature: float, max_k: int) -> None:
+    if not 1 <= k <= max_k:
+        raise ModelError(f"k must be in [1, max_k={max_k}], got {k}; raise max_k in the model config for more")
+    if noise < 0:
+        raise ModelError(f"router noise must be >= 0, got {noise}")
+    if temperature <= 0:
+        raise ModelError(f"router temperature must be > 0, got {temperature}")
+
+
+@dataclass
+class RoutingKnobs:
+    """The run-time routing settings, one object shared by every layer of a model."""
+
+    k: int
+    """Experts per token (1..max_k)."""
+    noise: float
+    """Std of the Gaussian noise on expert-router logits; applied in training mode only."""
+    temperature: float
+    """Softmax temperature of the gate over the k chosen experts."""
+
+
+class HierarchicalSparseExperts(nn.Module):
+    """G groups of M low-rank experts; forward(x_BTD) -> (y_BTD, balance loss, routing stats)."""
+
+    def __init__(self, cfg: SparseLMConfig, knobs: RoutingKnobs):
+        super().__init__()
+        E, M, d, r = cfg.n_experts, cfg.group_size, cfg.d_model, cfg.expert_rank
+        self.n_experts, self.group_size, self.n_groups = E, M, E // M
+        self.knobs = knobs
+        self.balance_weight = cfg.balance_weight
+        self.capacity_factor, self.min_capacity = cfg.capacity_factor, cfg.min_capacity
+        self.group_router = nn.Linear(d, self.n_groups, bias=cfg.bias)
+        # expert router of every group as one (E, d) matrix: one matmul scores all E experts, and the chosen
+        # group's M scores are picked out (cheaper than sorting tokens by group at these sizes)
+        self.expert_router = nn.Linear(d, E, bias=False)
+        self.W1_EDR = nn.Parameter(torch.randn(E, d, r) * 0.02)
+        # GPT-2 residual scaling, as the backbone does for its dense down projection
+        self.W2_ERD = nn.Parameter(torch.randn(E, r, d) * (0.02 / math.sqrt(2 * cfg.n_layers)))
+        self.act = F.gelu if cfg.activation == "gelu" else F.relu
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD: torch.Tensor) -> FFNOutput:
+        B, T, d = x_BTD.shape
+        # position-major token order: experts keep their earliest slots (see experts), so a capacity drop at
+        # position t never depends on a later position of any sequence and the layer stays causal
+        x_ND = x_BTD.transpose(0, 1).reshape(T * B, d)
+        expert_ids_NK, gate_NK, aux_loss, stats = self.route(x_ND)
+        y_ND, dropped_frac = self.experts(x_ND, expert_ids_NK, gate_NK)
+        stats["dropped_frac"] = dropped_frac
+        return self.dropout(y_ND).view(T, B, d).transpose(0, 1), aux_loss, stats
+
+    def route(self, x_ND: torch.Tensor):
+        """Choose a group per token, then the top-k experts inside it.
+
+        Returns expert ids (N, k) in [0, E), their gates (N, k), the weighted balance loss and routing stats.
+        """
+        N, G, M, E = x_ND.size(0), self.n_groups, self.group_size, self.n_experts
+        k, noise, temperature = self.knobs.k, self.knobs.noise, self.knobs.temperature
+
+        group_probs_NG = F.softmax(self.group_router(x_ND).float(), dim=-1)
+        group_p_N, group_ids_N = group_probs_NG.max(dim=-1)
+        # straight-through: value 1, gradient to the group router (see the module docstring)
+        group_gate_N = group_p_N / group_p_N.detach()
+
+        rows_N = torch.arange(N, device=x_ND.device)
+        logits_NM = self.expert_router(x_ND).float().view(N, G, M)[rows_N, group_ids_N]
+        noisy_logits_NM = logits_NM
+        if self.training and noise > 0:
+            noisy_logits_NM = logits_NM + noise * torch.randn_like(logits_NM)
+        top_logits_NK, top_m_NK = noisy_logits_NM.topk(k, dim=-1)
+        gate_NK = F.softmax(top_logits_NK / temperature, dim=-1) * group_gate_N[:, None]
+        expert_ids_NK = group_ids_N[:, None] * M + top_m_NK
+
+        # Switch-style balance at both levels: n * sum(load fraction * mean router probability), 1.0 when uniform.
+        # The expert level uses each token's in-group distribution, placed in its group's row.
+        expert_probs_NM = F.softmax(logits_NM / temperature, dim=-1)
+        group_load_G = torch.bincount(group_ids_N, minlength=G).float() / N
+        expert_load_E = torch.bincount(expert_ids_NK.flatten(), minlength=E).float() / (N * k)
+        expert_mass_GM = expert_probs_NM.new_zeros(G, M).index_add(0, group_ids_N, expert_probs_NM) / N
+        balance = G * (group_load_G * group_probs_NG.mean(0)).sum() + E * (expert_load_E * expert_mass_GM.flatten()).sum()
+
+        with torch.no_grad():
+            stats = {
+                "routing_entropy": _entropy(expert_probs_NM),
+                "group_entropy": _entropy(group_probs_NG),
+                "expert_utilization": (expert_load_E > 0).float().mean(),
+            }
+        return expert_ids_NK, gate_NK, self.balance_weight * balance, stats
+
+    def experts(self, x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, gate_NK: torch.Tensor):
+        """Sum over k of gate * expert(x): slots sorted by expert once, then two batched matmuls over experts.
+
+        Each expert's slots fill its rows of an (E, C, d) buffer, C = the busiest expert's load capped at the
+        capacity; slots past the cap are dropped. Returns y (N, d) and the dropped fraction of slots.
+        """
+        N, k = expert_ids_NK.shape
+        E, S, d = self.n_experts, expert_ids_NK.numel(), x_ND.size(1)
+        ids_S = expert_ids_NK.flatten()
+        # stable, so each expert keeps its earliest slots in token order when it is over capacity
+        sorted_ids_S, order_S = ids_S.sort(stable=True)
+        load_E = torch.bincount(ids_S, minlength=E)
+        first_slot_E = load_E.cumsum(0) - load_E
+        pos_S = torch.empty_like(ids_S)
+        pos_S[order_S] = torch.arange(S, device=ids_S.device) - first_slot_E[sorted_ids_S]  # rank within expert
+
+        cap = max(math.ceil(self.capacity_factor * S / E), self.min_capacity)
+        C = min(int(load_E.max()), cap)
+        kept_S = pos_S < C
+        # dropped slots write to one spare row past the E*C expert rows and read back with a zero gate
+        row_S = torch.where(kept_S, ids_S * C + pos_S, E * C)
+
+        x_RD = x_ND.new_zeros(E * C + 1, d).index_put((row_S,), x_ND.repeat_interleave(k, dim=0))
+        h_ECR = self.act(torch.bmm(x_RD[:-1].view(E, C, d), self.W1_EDR))
+        y_RD = torch.bmm(h_ECR, self.W2_ERD).view(E * C, d)
+        y_NKD = y_RD[row_S.clamp(max=E * C - 1)].view(N, k, d)
+        gate_NK = gate_NK * kept_S.view(N, k)
+        y_ND = (y_NKD * gate_NK.unsqueeze(-1).to(y_NKD.dtype)).sum(1)
+        return y_ND.to(x_ND.dtype), (~kept_S).float().mean()
+
+
+def _entropy(probs_NX: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the rows of a probability matrix."""
+    return -(probs_NX * probs_NX.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+class SparseLM(TransformerLM):
+    """The backbone with a HierarchicalSparseExperts layer as every FFN, and run-time routing knobs."""
+
+    def __init__(self, cfg: SparseLMConfig):
+        self.routing = RoutingKnobs(cfg.max_k, cfg.router_noise, cfg.router_temperature)
+        super().__init__(cfg, make_ffn=lambda layer: HierarchicalSparseExperts(cfg, self.routing))
+
+    def set_routing(self, k: int, noise: float, temperature: float) -> None:
+        """Set experts per token, router noise (training only) and gate temperature for every layer.
+
+        Example::
+
+            >>> from models.registry import build_model
+            >>> model = build_model("tgsmn-sparse-tiny", vocab_size=300)
+            >>> model.set_routing(k=3, noise=0.0, temperature=1.0)
+            Traceback (most recent call last):
+            ...
+            models.common.errors.ModelError: k must be in [1, max_k=2], got 3; raise max_k in the model config for more
+        """
+        _check_knobs(k, noise, temperature, self.cfg.max_k)
+        self.routing.k, self.routing.noise, self.routing.temperature = int(k), float(noise), float(temperature)
+
+    def active_ffn_params(self) -> int:
+        """Per token and layer: the group router, the chosen group's expert router and k experts."""
+        cfg = self.cfg
+        per_layer = cfg.d_model * (cfg.n_experts // cfg.group_size + cfg.group_size)
+        per_layer += self.routing.k * 2 * cfg.d_model * cfg.expert_rank
+        return cfg.n_layers * per_layer
+
+
+PRESETS: dict[str, dict] = {
+    # CPU-sized: the dense tiny backbone with 64 experts of rank 8 in 4 groups
+    "tgsmn-sparse-tiny": dict(d_model=128, n_layers=4, n_heads=4, max_seq_len=256,
+                              n_experts=64, group_size=16, expert_rank=8, max_k=2),
+    # the source's default (spec §1.4): d_model 192, 4 layers, 4 heads, E 256 in groups of 32, rank 16, k <= 2
+    "tgsmn-sparse-small": dict(d_model=192, n_layers=4, n_heads=4, max_seq_len=512, activation="relu",
+                               n_experts=256, group_size=32, expert_rank=16, max_k=2),
+}
+
+CONFIG_CLASS = SparseLMConfig
+
+
+def build(cfg: SparseLMConfig) -> SparseLM:
+    return SparseLM(cfg)
