@@ -1,0 +1,1 @@
+"""memtrain orchestration: data, tokenizers, checkpoints, Ray Train pretraining, the CLI."""

@@ -1,0 +1,431 @@
+"""Pretraining any registry model on Ray Train: DDP workers, checkpoints, automatic resume, worker-failure recovery.
+
+Example::
+
+    memtrain pretrain --model tgsmn-dense-tiny --data builtin --workers 2 --max-steps 200 --output runs/x
+
+or from Python::
+
+    >>> cfg = load_config(PretrainConfig, overrides=["max_steps=20", "output=runs/doc"])   # doctest: +SKIP
+    >>> summary = pretrain(cfg)                                                           # doctest: +SKIP
+
+Re-running with the same ``output`` resumes from its newest checkpoint (same data position, optimizer and
+schedule), so raising ``max_steps`` continues a finished run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from orchestration.checkpoint import (TrainerState, config_differences, load_optimizer_state,
+                                      load_training_checkpoint, read_yaml, save_training_checkpoint)
+from orchestration.config import ConfigError, from_dict, to_yaml
+from orchestration.data import DataConfig, PreparedData, TokenWindows, WindowOrder, prepare_data
+from orchestration.errors import DataError
+from orchestration.flops import measure_matmul_peak
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"  # Ray Train run name: <output>/checkpoints/step_000200/
+# settings a resumed run must share with the run it continues (the rest, like max_steps or lr, may change)
+RESUME_KEYS = ["model", "model_overrides", "data.source", "data.tokenizer", "data.vocab_size", "data.seq_len",
+               "data.val_fraction", "data.max_documents", "data.text_column", "seed", "workers", "batch_size",
+               "grad_accum"]
+
+
+@dataclass
+class PretrainConfig:
+    model: str = "tgsmn-dense-tiny"
+    """Registry preset to train (``memtrain models`` lists them)."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """Model config fields to change, e.g. model_overrides.n_layers=2 (vocab_size comes from the tokenizer)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus, tokenizer and sequence length."""
+    output: str = "runs/pretrain"
+    """Run directory: config.yaml, metrics.jsonl, summary.json, tokenizer.json and checkpoints/."""
+    seed: int = 0
+    """Seed of model init, data order and dropout."""
+    workers: int = 2
+    """Ray Train workers (DDP ranks)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker (fractions allowed); on CPU it also sets each worker's torch thread count."""
+    gpus_per_worker: float = 0.0
+    """GPUs per worker; > 0 trains on GPU with NCCL (gloo on CPU)."""
+    batch_size: int = 16
+    """Sequences per worker per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps accumulated per optimizer step (global batch = workers x grad_accum x batch_size)."""
+    lr: float = 3e-3
+    """Peak learning rate (after warmup)."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr x min_lr_ratio at max_steps."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (matrices only; norms, biases and embeddings are not decayed)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = off)."""
+    max_steps: int = 200
+    """Stop after this many optimizer steps (the cosine schedule spans them)."""
+    max_tokens: int = 0
+    """Also stop once this many training tokens were consumed (0 = no limit)."""
+    eval_every: int = 50
+    """Evaluate on the held-out split every N steps (and at the end)."""
+    eval_batches: int = 8
+    """Held-out batches per evaluation (split across workers)."""
+    early_stop_patience: int = 0
+    """Stop when the held-out loss has not improved for this many evaluations (0 = off)."""
+    checkpoint_every: int = 100
+    """Write a checkpoint every N steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints to keep."""
+    log_every: int = 10
+    """Report metrics every N steps."""
+    precision: str = "fp32"
+    """fp32, or bf16 (autocast; about 4x the matmul throughput on CPUs with AMX/AVX512-BF16, and on GPUs)."""
+    max_failures: int = 2
+    """Worker-group restarts Ray Train may do after a worker dies (each restarts from the newest checkpoint)."""
+    fail_at_step: int = 0
+    """Reliability drill: the last worker's process exits at this step, once per run directory (0 = never)."""
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        for name in ("workers", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
+                     "checkpoint_every", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+
+# --- the worker loop --------------------------------------------------------------------------------------------
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr x min_lr_ratio at max_steps (a pure function of step: resume-exact)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices of linear layers only; norms, biases and embeddings (and a head tied to them) are not decayed."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _Reducer:
+    """Sums small float vectors across ranks (a no-op with one worker)."""
+
+    def __init__(self, world: int, device: torch.device):
+        self.world, self.device = world, device
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model, windows: TokenWindows, cfg: PretrainConfig, rank: int, world: int, device, autocast,
+             reducer: _Reducer) -> float:
+    """Token-weighted mean cross-entropy over the first eval_batches x batch_size held-out windows."""
+    model.eval()
+    n = min(windows.n_windows, cfg.eval_batches * cfg.batch_size)
+    ids = np.arange(n)[rank::world]
+    loss_sum, count = 0.0, 0
+    for i in range(0, len(ids), cfg.batch_size):
+        x_BT, y_BT = (t.to(device) for t in windows.batch(ids[i:i + cfg.batch_size]))
+        with autocast():
+            logits_BTV = model(x_BT).logits
+        loss_sum += F.cross_entropy(logits_BTV.flatten(0, 1).float(), y_BT.flatten(), reduction="sum").item()
+        count += y_BT.numel()
+    model.train()
+    loss_sum, count = reducer.sum([loss_sum, float(count)])
+    return loss_sum / max(count, 1)
+
+
+def train_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: DDP training with periodic eval, checkpoints and reports."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from models.registry import build_model
+
+    from ray.train.v2._internal.execution import context as train_context
+
+    # Ray Train logs every report at INFO under a logger named by its file path, which LoggingConfig does not reach
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    cfg: PretrainConfig = from_dict(PretrainConfig, loop_config["cfg"])
+    data = PreparedData(**loop_config["data"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)  # identical init on every rank
+    model = build_model(cfg.model, **{**cfg.model_overrides, "vocab_size": data.vocab_size})
+    state = TrainerState()
+    checkpoint = ray.train.get_checkpoint()
+    resume_dir = checkpoint.to_directory(tempfile.mkdtemp(prefix="memtrain-resume-")) if checkpoint else None
+    if resume_dir:
+        state = load_training_checkpoint(resume_dir, model)
+        if rank == 0:
+            print(f"resumed from step {state.step} (data position {state.samples:,} windows)", flush=True)
+    raw_model = model
+    model = ray.train.torch.prepare_model(model)  # moves to device; DDP when world > 1
+    optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), foreach=True)
+    if resume_dir:
+        load_optimizer_state(resume_dir, optimizer)
+
+    train, val = TokenWindows(data.train_path, cfg.data.seq_len), TokenWindows(data.val_path, cfg.data.seq_len)
+    order = WindowOrder(train.n_windows, cfg.seed)
+    reducer = _Reducer(world, device)
+    use_bf16 = cfg.precision == "bf16"
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    per_rank = cfg.grad_accum * cfg.batch_size
+    tokens_per_step = world * per_rank * cfg.data.seq_len
+    flops_per_token = raw_model.flops_per_token(cfg.data.seq_len)
+    peak = reducer.sum([measure_matmul_peak(str(device), torch.bfloat16 if use_bf16 else torch.float32)])[0]
+    if rank == 0:
+        print(f"training {cfg.model}: {raw_model.num_params():,} parameters, {world} worker(s) on {device.type}, "
+              f"{tokens_per_step:,} tokens/step; MFU is against the measured {cfg.precision} matmul peak of "
+              f"{peak / 1e9:,.0f} GFLOP/s summed over workers", flush=True)
+
+    def done() -> bool:
+        return state.step >= cfg.max_steps or (cfg.max_tokens and state.tokens >= cfg.max_tokens)
+
+    if done():  # a finished run re-launched with the same budget: report where it stands
+        ray.train.report({"step": state.step, "tokens": state.tokens, "done": True})
+        return
+    if state.step == 0:  # the starting point of the eval curve
+        eval_loss = evaluate(model, val, cfg, rank, world, device, autocast, reducer)
+        ray.train.report({"step": 0, "tokens": 0, "eval_loss": eval_loss,
+                          "eval_perplexity": math.exp(min(eval_loss, 50))})
+    window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+    grad_norm = torch.tensor(0.0)
+    stop_early = False
+    while not done() and not stop_early:
+        if cfg.fail_at_step and state.step == cfg.fail_at_step and rank == world - 1:
+            marker = Path(cfg.output) / ".drill_failed"
+            if not marker.exists():
+                marker.touch()
+                print(f"drill: worker {rank} exits at step {state.step}", flush=True)
+                os._exit(1)
+        torch.manual_seed(cfg.seed * 1_000_003 + state.step * world + rank)  # dropout noise: resume-exact
+        lr = lr_at(state.step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        base = state.samples + rank * per_rank
+        for micro in range(cfg.grad_accum):
+            x_BT, y_BT = (t.to(device, non_blocking=True)
+                          for t in train.batch(order.take(base + micro * cfg.batch_size, cfg.batch_size)))
+            sync = micro == cfg.grad_accum - 1 or world == 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
+                loss = model(x_BT, y_BT).loss
+            (loss / cfg.grad_accum).backward()
+            window_loss += loss.detach().float() / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.samples += world * per_rank
+        state.tokens += tokens_per_step
+        window_steps += 1
+
+        metrics: dict[str, Any] = {}
+        if state.step % cfg.log_every == 0 or done():
+            elapsed = time.perf_counter() - window_start
+            loss_mean = reducer.sum([window_loss.item() / window_steps])[0] / world
+            tokens_per_s = window_steps * tokens_per_step / elapsed
+            metrics.update(loss=loss_mean, perplexity=math.exp(min(loss_mean, 50)), lr=lr,
+                           grad_norm=float(grad_norm), tokens_per_s=tokens_per_s,
+                           mfu=tokens_per_s * flops_per_token / peak)
+            window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+        if state.step % cfg.eval_every == 0 or done():
+            eval_loss = evaluate(model, val, cfg, rank, world, device, autocast, reducer)
+            metrics.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50)))
+            if eval_loss < state.best_eval_loss - 1e-4:
+                state.best_eval_loss, state.evals_since_best = eval_loss, 0
+            else:
+                state.evals_since_best += 1
+            stop_early = bool(cfg.early_stop_patience) and state.evals_since_best >= cfg.early_stop_patience
+            metrics["early_stopped"] = stop_early
+            window_start = time.perf_counter()  # evaluation time is not training throughput
+        write_checkpoint = state.step % cfg.checkpoint_every == 0 or done() or stop_early
+        if not metrics and not write_checkpoint:
+            continue
+        metrics.update(step=state.step, tokens=state.tokens, samples=state.samples, done=bool(done() or stop_early))
+        with tempfile.TemporaryDirectory(prefix="memtrain-ckpt-") as tmp:
+            ckpt = None
+            if write_checkpoint and rank == 0:
+                save_training_checkpoint(tmp, raw_model, cfg.model, optimizer, state, cfg.output)
+                ckpt = Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt,
+                             checkpoint_dir_name=f"step_{state.step:06d}" if write_checkpoint else None)
+            if write_checkpoint:
+                window_start = time.perf_counter()
+
+
+# --- the driver -------------------------------------------------------------------------------------------------
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _make_metrics_sink(run_dir: str):
+    """A Ray Train callback (runs in the Train controller) that appends each report to metrics.jsonl,
+    TensorBoard, and one log line."""
+    import ray.train
+
+    class MetricsSink(ray.train.UserCallback):
+        def __init__(self):
+            self.run_dir = Path(run_dir)
+            self._tb = None
+
+        def after_report(self, run_context, metrics, checkpoint):
+            row = dict(metrics[0])
+            if checkpoint is not None:
+                row["checkpoint"] = checkpoint.path
+            with (self.run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            self._tensorboard(row)
+            parts = [f"step {row['step']}"]
+            if "loss" in row:
+                parts += [f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}", f"grad {row['grad_norm']:.2f}",
+                          f"{row['tokens_per_s']:,.0f} tok/s", f"MFU {100 * row['mfu']:.1f}%"]
+            if "eval_loss" in row:
+                parts.append(f"eval {row['eval_loss']:.4f} (ppl {row['eval_perplexity']:.1f})")
+            if checkpoint is not None:
+                parts.append(f"checkpoint {Path(checkpoint.path).name}")
+            print("[memtrain] " + " | ".join(parts), flush=True)
+
+        def _tensorboard(self, row):
+            from torch.utils.tensorboard import SummaryWriter
+
+            if self._tb is None:
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self._tb.add_scalar(f"pretrain/{key}", value, row["step"])
+            self._tb.flush()
+
+    return MetricsSink()
+
+
+def _check_resume_compatible(run_dir: Path, cfg: PretrainConfig) -> None:
+    saved_path = run_dir / "config.yaml"
+    if not (run_dir / CHECKPOINTS_DIR).is_dir() or not saved_path.is_file():
+        return
+    diffs = config_differences(read_yaml(saved_path), dataclasses.asdict(cfg), RESUME_KEYS)
+    if diffs:
+        from orchestration.errors import CheckpointError
+
+        raise CheckpointError(f"{run_dir} holds a run with different settings, so it cannot be resumed: "
+                              f"{'; '.join(diffs)}. Use the same settings, or a new --output directory")
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Run (or resume) a pretraining job on the current Ray cluster; returns the summary also written to summary.json."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from orchestration.ray_utils import ensure_ray
+
+    run_dir = Path(cfg.output).expanduser().resolve()
+    cfg = dataclasses.replace(cfg, output=str(run_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_resume_compatible(run_dir, cfg)
+    _write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    started = time.time()
+    data = prepare_data(cfg.data, run_dir)
+    needed = cfg.workers * cfg.grad_accum * cfg.batch_size
+    n_train = (data.n_tokens["train"] - 1) // cfg.data.seq_len
+    if n_train < needed:
+        raise DataError(f"the training split has {n_train} windows of {cfg.data.seq_len} tokens but one step needs "
+                        f"{needed} (workers x grad_accum x batch_size); use more text, a shorter data.seq_len or a "
+                        "smaller batch")
+    if (data.n_tokens["validation"] - 1) // cfg.data.seq_len < 1:
+        raise DataError(f"the validation split has fewer than {cfg.data.seq_len + 1} tokens; lower data.seq_len or "
+                        "raise data.val_fraction")
+    ensure_ray()
+    use_gpu = cfg.gpus_per_worker > 0
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "data": dataclasses.asdict(data)},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=CHECKPOINTS_DIR, storage_path=str(run_dir),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=[_make_metrics_sink(str(run_dir))],
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our sink prints one line per report
+        ),
+    )
+    result = trainer.fit()
+    summary = summarize(run_dir, result.checkpoint.path if result.checkpoint else None, time.time() - started)
+    print(f"[memtrain] done: final eval loss {summary.get('final_eval_loss')}, checkpoint {summary['checkpoint']}, "
+          f"summary {run_dir / 'summary.json'}", flush=True)
+    return summary
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def summarize(run_dir: Path, checkpoint: str | None, wall_s: float) -> dict:
+    """Final figures of a run from its metrics.jsonl, written to summary.json (strict JSON, last file written)."""
+    rows = read_metrics(run_dir)
+    evals = [r for r in rows if "eval_loss" in r]
+    trains = [r for r in rows if "loss" in r]
+    last = rows[-1] if rows else {}
+    summary = {
+        "step": last.get("step"),
+        "tokens": last.get("tokens"),
+        "first_eval_loss": evals[0]["eval_loss"] if evals else None,
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "best_eval_loss": min(r["eval_loss"] for r in evals) if evals else None,
+        "final_eval_perplexity": evals[-1]["eval_perplexity"] if evals else None,
+        "final_train_loss": trains[-1]["loss"] if trains else None,
+        "tokens_per_s": trains[-1]["tokens_per_s"] if trains else None,
+        "mfu": trains[-1]["mfu"] if trains else None,
+        "early_stopped": bool(last.get("early_stopped", False)),
+        "checkpoint": checkpoint,
+        "wall_s": round(wall_s, 1),
+    }
+    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
+    return summary
