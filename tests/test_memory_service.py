@@ -1,0 +1,400 @@
+"""The semantic memory suite, run against both LocalMemory and the Ray actor (real FAISS, real SQLite, real Ray)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from memory_service import LocalMemory, MemoryConfig, MemoryServiceError, get_or_create_memory
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMESPACE = "memtrain-tests"
+
+
+class Backend:
+    """Opens memories of one implementation and cleans them up; `reopen` simulates a restart of the service."""
+
+    def __init__(self, kind: str, request: pytest.FixtureRequest) -> None:
+        self.kind = kind
+        self.opened: list = []
+        if kind == "actor":
+            request.getfixturevalue("ray_session")
+
+    def open(self, config: MemoryConfig, name: str | None = None):
+        if self.kind == "local":
+            mem = LocalMemory(config)
+        else:
+            mem = get_or_create_memory(name or f"t-{uuid.uuid4().hex[:10]}", config, namespace=NAMESPACE)
+        self.opened.append(mem)
+        return mem
+
+    def reopen(self, mem, config: MemoryConfig):
+        """Close without a final snapshot (so the log must be replayed) and open the same path again."""
+        if self.kind == "local":
+            mem.close()
+            return self.open(config)
+        name = mem.name
+        mem.shutdown(snapshot=False)
+        return self.open(config, name=name)
+
+    def close_all(self) -> None:
+        for mem in self.opened:
+            try:
+                mem.close() if self.kind == "local" else mem.shutdown(snapshot=False)
+            except Exception:  # already closed/killed by the test itself
+                pass
+
+
+@pytest.fixture(params=["local", "actor"])
+def backend(request):
+    b = Backend(request.param, request)
+    yield b
+    b.close_all()
+
+
+def clustered(n: int, dim: int, centers: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers_CD = rng.standard_normal((centers, dim)).astype(np.float32) * 4
+    labels_N = rng.integers(0, centers, n)
+    return (centers_CD[labels_N] + rng.standard_normal((n, dim)).astype(np.float32)).astype(np.float32)
+
+
+def brute_force(vectors_ND: np.ndarray, queries_QD: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids_QK, scores_QK) by numpy, the reference every flat search must equal."""
+    if metric == "cosine":
+        vectors_ND = vectors_ND / np.linalg.norm(vectors_ND, axis=1, keepdims=True)
+        queries_QD = queries_QD / np.linalg.norm(queries_QD, axis=1, keepdims=True)
+    if metric == "l2":
+        scores_QN = ((queries_QD[:, None, :] - vectors_ND[None, :, :]) ** 2).sum(-1)
+        ids_QK = np.argsort(scores_QN, axis=1)[:, :k]
+    else:
+        scores_QN = queries_QD @ vectors_ND.T
+        ids_QK = np.argsort(-scores_QN, axis=1)[:, :k]
+    return ids_QK, np.take_along_axis(scores_QN, ids_QK, axis=1)
+
+
+def recall_at_k(found_QK: np.ndarray, truth_QK: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found_QK.tolist(), truth_QK.tolist())]))
+
+
+# ----- search quality -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+def test_flat_equals_numpy_brute_force(backend, tmp_path, metric):
+    rng = np.random.default_rng(0)
+    vectors_ND = rng.standard_normal((3000, 32)).astype(np.float32)
+    queries_QD = rng.standard_normal((25, 32)).astype(np.float32)
+    mem = backend.open(MemoryConfig(dim=32, index="flat", metric=metric, path=str(tmp_path)))
+    ids_N = mem.add(vectors_ND, [f"doc {i}" for i in range(3000)], [{"i": i} for i in range(3000)])
+    assert ids_N.tolist() == list(range(3000))
+    hits = mem.search(queries_QD, k=10)
+    truth_QK, truth_scores_QK = brute_force(vectors_ND, queries_QD, 10, metric)
+    assert recall_at_k(hits.ids_QK, truth_QK) == 1.0
+    np.testing.assert_allclose(hits.scores_QK, truth_scores_QK, rtol=1e-4, atol=1e-3)
+    assert hits.texts[3] == [f"doc {i}" for i in hits.ids_QK[3]]
+    assert hits.metadata[3] == [{"i": int(i)} for i in hits.ids_QK[3]]
+    ids, scores, texts, metadata = hits  # the DESIGN contract: a (ids, scores, texts, metadata) tuple
+    assert ids.shape == scores.shape == (25, 10) and len(texts) == len(metadata) == 25
+
+
+def test_ivf_recall_on_clustered_data_at_defaults(backend, tmp_path):
+    vectors_ND = clustered(20_000, 32, centers=64, seed=1)
+    queries_QD = clustered(200, 32, centers=64, seed=1)[:200] + 0.1
+    mem = backend.open(MemoryConfig(dim=32, index="ivf", metric="l2", path=str(tmp_path)))
+    # Below the training threshold a flat index serves, and it is exact.
+    mem.add(vectors_ND[:1000], ["x"] * 1000)
+    assert mem.stats()["index"] == "ivf-untrained"
+    for start in range(1000, 20_000, 4750):
+        mem.add(vectors_ND[start:start + 4750], [f"v{i}" for i in range(start, min(start + 4750, 20_000))])
+    stats = mem.stats()
+    assert stats["index"] == "ivf" and stats["nlist"] >= 39 and stats["count"] == 20_000
+    hits = mem.search(queries_QD.astype(np.float32), k=10)
+    truth_QK, _ = brute_force(vectors_ND, queries_QD.astype(np.float32), 10, "l2")
+    assert recall_at_k(hits.ids_QK, truth_QK) >= 0.95
+    # Training and retraining kept the id -> text mapping exact.
+    top_ids = hits.ids_QK[:, 0]
+    assert [t[0] for t in hits.texts] == [("x" if i < 1000 else f"v{i}") for i in top_ids]
+
+
+def test_hnsw_remove_uses_tombstones_then_rebuilds(backend, tmp_path):
+    rng = np.random.default_rng(2)
+    vectors_ND = rng.standard_normal((400, 16)).astype(np.float32)
+    mem = backend.open(MemoryConfig(dim=16, index="hnsw", metric="l2", path=str(tmp_path), hnsw_rebuild_fraction=0.5))
+    ids_N = mem.add(vectors_ND, [str(i) for i in range(400)])
+    mem.remove(ids_N[:50])
+    assert mem.stats()["tombstones"] == 50
+    hits = mem.search(vectors_ND[:50], k=5)
+    assert not np.isin(hits.ids_QK, ids_N[:50]).any()  # searches skip tombstones
+    mem.remove(ids_N[50:200])  # 200 of 400 are tombstones: the graph is rebuilt without them
+    stats = mem.stats()
+    assert stats["tombstones"] == 0 and stats["count"] == 200
+    assert mem.search(vectors_ND[300:310], k=1).ids_QK[:, 0].tolist() == list(range(300, 310))
+
+
+# ----- durability -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("index", ["flat", "ivf"])
+def test_persistence_round_trip(backend, tmp_path, index):
+    vectors_ND = clustered(3000, 16, centers=10, seed=3)
+    config = MemoryConfig(dim=16, index=index, metric="l2", path=str(tmp_path))
+    mem = backend.open(config)
+    ids_N = mem.add(vectors_ND[:2000], [f"t{i}" for i in range(2000)], [{"n": i} for i in range(2000)])
+    mem.remove(ids_N[:100])
+    mem.snapshot()
+    mem.add(vectors_ND[2000:], [f"t{i}" for i in range(2000, 3000)])  # only in the log
+    mem.remove(ids_N[500:510])
+    before = mem.search(vectors_ND[1000:1050], k=5)
+    stats_before = mem.stats()
+    mem = backend.reopen(mem, config)
+    stats_after = mem.stats()
+    assert stats_after["count"] == stats_before["count"] == 2890
+    assert stats_after["last_recovery_replayed_vectors"] == 1000
+    assert stats_after["index"] == stats_before["index"]
+    after = mem.search(vectors_ND[1000:1050], k=5)
+    np.testing.assert_array_equal(after.ids_QK, before.ids_QK)
+    assert after.texts == before.texts and after.metadata == before.metadata
+    with pytest.raises(MemoryServiceError, match="unknown id"):
+        mem.get([0])
+    assert mem.add(vectors_ND[:1], ["new"]).tolist() == [3000]  # ids are never reused
+
+
+def test_reopen_with_different_structure_is_refused(tmp_path):
+    LocalMemory(MemoryConfig(dim=8, path=str(tmp_path))).close()
+    with pytest.raises(MemoryServiceError, match="dim stored=8 requested=16"):
+        LocalMemory(MemoryConfig(dim=16, path=str(tmp_path)))
+
+
+def test_second_opener_of_a_directory_is_refused(tmp_path):
+    with LocalMemory(MemoryConfig(dim=8, path=str(tmp_path))):
+        with pytest.raises(MemoryServiceError, match="already open"):
+            LocalMemory(MemoryConfig(dim=8, path=str(tmp_path)))
+
+
+CRASH_CHILD = textwrap.dedent("""
+    import sys, numpy as np
+    from memory_service import LocalMemory, MemoryConfig
+    mem = LocalMemory(MemoryConfig(dim=16, metric="l2", path=sys.argv[1], snapshot_every=300))
+    rng = np.random.default_rng(0)
+    for batch in range(100000):
+        ids = mem.add(rng.standard_normal((25, 16)).astype(np.float32), [f"b{batch}-{j}" for j in range(25)])
+        print(batch, ids[0], ids[-1], flush=True)  # printed only after add() returned: acknowledged
+""")
+
+
+def test_crash_recovery_local_kill9_in_stream_of_adds(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                             cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    acked = []
+    for line in child.stdout:
+        batch, first, last = map(int, line.split())
+        acked.append((batch, first, last))
+        if len(acked) == 60:  # several auto-snapshots have happened; adds are still streaming
+            os.kill(child.pid, signal.SIGKILL)
+            break
+    child.wait()
+    with LocalMemory(MemoryConfig(dim=16, metric="l2", path=str(tmp_path), snapshot_every=300)) as mem:
+        assert mem.stats()["count"] >= 60 * 25
+        for batch, first, last in acked:
+            entries = mem.get(np.arange(first, last + 1))
+            assert [text for text, _ in entries] == [f"b{batch}-{j}" for j in range(25)]
+
+
+def test_crash_recovery_actor_kill9_in_stream_of_adds(ray_session, tmp_path):
+    config = MemoryConfig(dim=16, metric="l2", path=str(tmp_path), snapshot_every=300)
+    mem = get_or_create_memory(f"crash-{uuid.uuid4().hex[:8]}", config, namespace=NAMESPACE)
+    try:
+        old_pid = mem.pid()
+        rng = np.random.default_rng(0)
+        acked: dict[int, str] = {}
+
+        def kill_mid_stream():
+            while len(acked) < 600:  # let the stream (and an auto-snapshot) get going first
+                time.sleep(0.005)
+            os.kill(old_pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_mid_stream)
+        killer.start()
+        deadline = time.monotonic() + 90
+        while (killer.is_alive() or len(acked) < 2400) and time.monotonic() < deadline:
+            texts = [f"t{len(acked)}-{j}" for j in range(20)]
+            try:
+                ids = mem.add(rng.standard_normal((20, 16)).astype(np.float32), texts)
+            except MemoryServiceError as err:
+                assert "not acknowledged" in str(err)  # the in-flight add: never counted as acknowledged
+                continue
+            acked.update(zip(ids.tolist(), texts))
+        killer.join()
+        assert mem.pid() != old_pid  # Ray restarted the actor, which recovered from snapshot + log
+        ids_N = np.array(sorted(acked))
+        assert [text for text, _ in mem.get(ids_N)] == [acked[i] for i in ids_N.tolist()]
+        assert mem.stats()["count"] >= len(acked)
+    finally:
+        mem.shutdown(snapshot=False)
+
+
+# ----- concurrency ----------------------------------------------------------------------------------------------
+def _client_work(mem, client: int, batches: int, dim: int) -> tuple[list[int], int]:
+    rng = np.random.default_rng(client)
+    ids, searched = [], 0
+    for b in range(batches):
+        vectors_ND = rng.standard_normal((10, dim)).astype(np.float32)
+        new = mem.add(vectors_ND, [f"c{client}-b{b}-{j}" for j in range(10)], [{"client": client}] * 10)
+        ids.extend(new.tolist())
+        hits = mem.search(vectors_ND, k=1)
+        assert hits.ids_QK[:, 0].tolist() == new.tolist()  # each client finds what it just wrote
+        searched += 10
+    return ids, searched
+
+
+def test_eight_concurrent_clients(backend, tmp_path):
+    mem = backend.open(MemoryConfig(dim=16, metric="l2", path=str(tmp_path), snapshot_every=500))
+    results: list = [None] * 8
+    threads = [threading.Thread(target=lambda c=c: results.__setitem__(c, _client_work(mem, c, 15, 16)))
+               for c in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    all_ids = [i for ids, _ in results for i in ids]
+    assert len(all_ids) == len(set(all_ids)) == 8 * 15 * 10
+    stats = mem.stats()
+    assert stats["count"] == stats["added_total"] == 1200
+    assert stats["searched_queries"] == sum(s for _, s in results) == 1200
+    entries = mem.get(all_ids)
+    assert [meta["client"] for _, meta in entries] == [c for c in range(8) for _ in range(150)]
+
+
+def test_client_travels_to_ray_tasks(ray_session, tmp_path):
+    """A MemoryClient pickles as (name, namespace): tasks on other workers reach the same actor by name."""
+    import ray
+
+    mem = get_or_create_memory(f"tasks-{uuid.uuid4().hex[:8]}", MemoryConfig(dim=4, metric="l2", path=str(tmp_path)),
+                               namespace=NAMESPACE)
+    try:
+        @ray.remote(num_cpus=0.25)
+        def add_one(client, value: float) -> int:
+            return int(client.add(np.full((1, 4), value, np.float32), [f"from task {value}"])[0])
+
+        ids = ray.get([add_one.remote(mem, float(v)) for v in range(4)])
+        assert sorted(ids) == [0, 1, 2, 3]
+        hits = mem.search(np.full((1, 4), 2.0, np.float32), k=1)
+        assert hits.texts[0] == ["from task 2.0"]
+    finally:
+        mem.shutdown(snapshot=False)
+
+
+# ----- capacity -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("index", ["flat", "ivf", "hnsw"])
+def test_eviction_oldest_keeps_mapping_exact(backend, tmp_path, index):
+    vectors_ND = clustered(4000, 16, centers=20, seed=4)
+    mem = backend.open(MemoryConfig(dim=16, index=index, metric="l2", capacity=2500, path=str(tmp_path)))
+    for start in range(0, 4000, 500):
+        mem.add(vectors_ND[start:start + 500], [f"v{i}" for i in range(start, start + 500)], [{"i": i} for i in range(start, start + 500)])
+    stats = mem.stats()
+    assert stats["count"] == 2500 and stats["evicted_total"] == 1500
+    with pytest.raises(MemoryServiceError, match="unknown id"):
+        mem.get([1499])
+    survivors_N = np.arange(1500, 4000)
+    assert [t for t, _ in mem.get(survivors_N)] == [f"v{i}" for i in survivors_N]
+    probe_N = survivors_N[::50]
+    hits = mem.search(vectors_ND[probe_N], k=1)
+    # Every hit's text and metadata belong to its id (the source returned other entries' texts here).
+    for row_ids, row_texts, row_meta in zip(hits.ids_QK.tolist(), hits.texts, hits.metadata):
+        assert row_ids[0] >= 1500 and row_texts[0] == f"v{row_ids[0]}" and row_meta[0] == {"i": row_ids[0]}
+    assert (hits.ids_QK[:, 0] == probe_N).mean() >= 0.9
+
+
+def test_eviction_lru_keeps_recently_retrieved(backend, tmp_path):
+    rng = np.random.default_rng(5)
+    vectors_ND = rng.standard_normal((15, 8)).astype(np.float32)
+    mem = backend.open(MemoryConfig(dim=8, metric="l2", capacity=10, eviction="lru", path=str(tmp_path)))
+    mem.add(vectors_ND[:10], [str(i) for i in range(10)])
+    mem.search(vectors_ND[:5], k=1)  # ids 0..4 retrieved
+    mem.add(vectors_ND[10:], [str(i) for i in range(10, 15)])
+    survivors = sorted(i for i in range(15) if i not in range(5, 10))
+    assert [t for t, _ in mem.get(survivors)] == [str(i) for i in survivors]
+    assert mem.stats()["evicted_total"] == 5
+
+
+# ----- bad input ------------------------------------------------------------------------------------------------
+BAD_ADDS = [
+    ("wrong dimension", lambda v: (v[:, :7], ["a", "b"]), "dimension 7.*dim=8"),
+    ("NaN", lambda v: (np.where(np.arange(8) == 3, np.nan, v).astype(np.float32), ["a", "b"]), "NaN or infinite.*row"),
+    ("inf", lambda v: (np.where(np.arange(8) == 3, np.inf, v).astype(np.float32), ["a", "b"]), "NaN or infinite"),
+    ("float64", lambda v: (v.astype(np.float64), ["a", "b"]), "dtype float64.*astype\\(np.float32\\)"),
+    ("int", lambda v: (v.astype(np.int32), ["a", "b"]), "dtype int32"),
+    ("1-D", lambda v: (v[0], ["a"]), "reshape\\(1, -1\\)"),
+    ("empty batch", lambda v: (v[:0], []), "empty batch"),
+    ("list not array", lambda v: (v.tolist(), ["a", "b"]), "numpy float32 array"),
+    ("texts shorter", lambda v: (v, ["a"]), "2 vectors but 1 texts"),
+    ("texts a str", lambda v: (v, "ab"), "list of 2 str"),
+    ("text not str", lambda v: (v, ["a", 3]), "texts\\[1\\] is int"),
+    ("zero vector under cosine", lambda v: (np.zeros_like(v), ["a", "b"]), "all zeros"),
+]
+
+
+def test_every_bad_input_is_refused_and_nothing_is_written(backend, tmp_path):
+    mem = backend.open(MemoryConfig(dim=8, metric="cosine", capacity=5, path=str(tmp_path)))
+    good_ND = np.random.default_rng(6).standard_normal((2, 8)).astype(np.float32)
+    assert mem.add(good_ND, ["g0", "g1"]).tolist() == [0, 1]
+    for label, make, message in BAD_ADDS:
+        vectors, texts = make(good_ND.copy())
+        with pytest.raises(MemoryServiceError, match=message):
+            mem.add(vectors, texts)
+    with pytest.raises(MemoryServiceError, match="metadata entries"):
+        mem.add(good_ND, ["a", "b"], [{"x": 1}])
+    with pytest.raises(MemoryServiceError, match="not JSON-serialisable"):
+        mem.add(good_ND, ["a", "b"], [{"x": object()}, None])
+    with pytest.raises(MemoryServiceError, match="larger than the capacity"):
+        mem.add(np.ones((6, 8), np.float32), [str(i) for i in range(6)])
+    for bad_k in (0, -1, 2.5, True):
+        with pytest.raises(MemoryServiceError, match="k must be a positive int"):
+            mem.search(good_ND, k=bad_k)
+    with pytest.raises(MemoryServiceError, match="dimension 4"):
+        mem.search(good_ND[:, :4].copy(), k=1)
+    with pytest.raises(MemoryServiceError, match="NaN"):
+        mem.search(np.full((1, 8), np.nan, np.float32), k=1)
+    with pytest.raises(MemoryServiceError, match=r"unknown id\(s\) \[7, -1\]"):
+        mem.remove([0, 7, -1])
+    with pytest.raises(MemoryServiceError, match="duplicates"):
+        mem.remove([1, 1])
+    with pytest.raises(MemoryServiceError, match="integers"):
+        mem.remove([0.5])
+    with pytest.raises(MemoryServiceError, match="non-empty"):
+        mem.remove([])
+    # Nothing of any refused call was written: same count, no id consumed, both entries intact.
+    stats = mem.stats()
+    assert stats["count"] == 2 and stats["next_id"] == 2 and stats["evicted_total"] == 0
+    assert [t for t, _ in mem.get([0, 1])] == ["g0", "g1"]
+    assert mem.add(good_ND[:1], ["g2"]).tolist() == [2]
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(MemoryServiceError, match="index='ivfpq'.*flat, ivf, hnsw"):
+        MemoryConfig(index="ivfpq")
+    with pytest.raises(MemoryServiceError, match="dim"):
+        MemoryConfig(dim=0)
+    with pytest.raises(MemoryServiceError, match="unknown MemoryConfig field.*valid fields"):
+        MemoryConfig.from_dict({"dims": 3})
+
+
+def test_actor_requires_a_path_and_matching_config(ray_session, tmp_path):
+    with pytest.raises(MemoryServiceError, match="needs MemoryConfig.path"):
+        get_or_create_memory("no-path", MemoryConfig(dim=8), namespace=NAMESPACE)
+    name = f"cfg-{uuid.uuid4().hex[:8]}"
+    mem = get_or_create_memory(name, MemoryConfig(dim=8, path=str(tmp_path)), namespace=NAMESPACE)
+    try:
+        with pytest.raises(MemoryServiceError, match="different config.*dim: running=8 requested=16"):
+            get_or_create_memory(name, MemoryConfig(dim=16, path=str(tmp_path)), namespace=NAMESPACE)
+        assert get_or_create_memory(name, namespace=NAMESPACE).stats()["dim"] == 8  # attach by name only
+    finally:
+        mem.shutdown(snapshot=False)
+    with pytest.raises(MemoryServiceError, match="no memory named"):
+        get_or_create_memory("never-created", namespace=NAMESPACE)
