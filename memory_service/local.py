@@ -39,6 +39,10 @@ from memory_service.store import Store
 from memory_service.validation import check_ids, check_k, check_metadata, check_texts, check_vectors
 
 
+# Searches with fewer queries than this run FAISS on one thread.
+SMALL_BATCH = 8
+
+
 class Hit(NamedTuple):
     """One neighbour of one query."""
 
@@ -135,8 +139,7 @@ class LocalMemory:
         self._searches = 0
         self._counter_lock = threading.Lock()
         self._closed = True
-        if config.faiss_threads:
-            faiss.omp_set_num_threads(config.faiss_threads)
+        self._faiss_threads = config.faiss_threads or faiss.omp_get_max_threads()
         os.makedirs(os.path.join(self.directory, "snapshots"), exist_ok=True)
         self._lock_file = self._take_directory_lock()
         try:
@@ -231,6 +234,7 @@ class LocalMemory:
                                      "MemoryConfig.capacity")
         with self._writer:
             self._check_open()
+            faiss.omp_set_num_threads(self._faiss_threads)  # per calling thread, see search()
             victims_V = self._pick_victims(self._count + n - capacity) if capacity else np.empty(0, np.int64)
             ids_N = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
             counters = {"next_id": self._next_id + n, "evicted_total": self._evicted_total + victims_V.size}
@@ -299,6 +303,10 @@ class LocalMemory:
         """The k nearest entries of each query: ids, scores, texts and metadata, best first."""
         queries_QD = check_vectors(queries_QD, self.config.dim, "queries", self.config.metric == "cosine")
         k = check_k(k)
+        # OpenMP's thread count is per calling thread, so set it on every call (actor calls arrive on pool
+        # threads). A few queries run on one thread: fork/join and spin-waits cost more than they save, and
+        # concurrent calls already spread over the cores.
+        faiss.omp_set_num_threads(1 if queries_QD.shape[0] < SMALL_BATCH else self._faiss_threads)
         with self._rw.read():
             self._check_open()
             scores_QK, ids_QK = self._index.search(queries_QD, k)
@@ -353,7 +361,7 @@ class LocalMemory:
                 "logged_vectors_since_snapshot": self._logged_vectors,
                 "last_recovery_seconds": round(self._recovery["seconds"], 4),
                 "last_recovery_replayed_vectors": self._recovery["replayed_vectors"],
-                "faiss_threads": faiss.omp_get_max_threads(),
+                "faiss_threads": self._faiss_threads,
                 "path": None if self._ephemeral else self.directory,
             }
 
