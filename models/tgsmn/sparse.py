@@ -152,50 +152,51 @@ class HierarchicalSparseExperts(nn.Module):
         expert_ids_NK = group_ids_N[:, None] * M + top_m_NK
 
         # Switch-style balance at both levels: n * sum(load fraction * mean router probability), 1.0 when uniform.
-        # The expert level uses each token's in-group distribution, placed in its group's row.
+        # An expert's mean probability counts only the tokens of its group (the others never score it).
         expert_probs_NM = F.softmax(logits_NM / temperature, dim=-1)
         group_load_G = torch.bincount(group_ids_N, minlength=G).float() / N
-        expert_load_E = torch.bincount(expert_ids_NK.flatten(), minlength=E).float() / (N * k)
-        expert_mass_GM = expert_probs_NM.new_zeros(G, M).index_add(0, group_ids_N, expert_probs_NM) / N
-        balance = G * (group_load_G * group_probs_NG.mean(0)).sum() + E * (expert_load_E * expert_mass_GM.flatten()).sum()
+        expert_load_GM = torch.bincount(expert_ids_NK.flatten(), minlength=E).float().view(G, M) / (N * k)
+        balance = (G * (group_load_G * group_probs_NG.mean(0)).sum()
+                   + E / N * (expert_load_GM[group_ids_N] * expert_probs_NM).sum())
 
         with torch.no_grad():
             stats = {
                 "routing_entropy": _entropy(expert_probs_NM),
                 "group_entropy": _entropy(group_probs_NG),
-                "expert_utilization": (expert_load_E > 0).float().mean(),
+                "expert_utilization": (expert_load_GM > 0).float().mean(),
             }
         return expert_ids_NK, gate_NK, self.balance_weight * balance, stats
 
     def experts(self, x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, gate_NK: torch.Tensor):
         """Sum over k of gate * expert(x): slots sorted by expert once, then two batched matmuls over experts.
 
-        Each expert's slots fill its rows of an (E, C, d) buffer, C = the busiest expert's load capped at the
-        capacity; slots past the cap are dropped. Returns y (N, d) and the dropped fraction of slots.
+        Each expert owns C rows of an (E, C) grid, C = the busiest expert's load capped at the capacity; a row
+        holds one token-slot (slots past the cap are dropped) or is padding with gate 0. Rows gather their
+        token's input, and the expert outputs are added back into their tokens. Returns y (N, d) and the
+        dropped fraction of slots.
         """
         N, k = expert_ids_NK.shape
         E, S, d = self.n_experts, expert_ids_NK.numel(), x_ND.size(1)
-        ids_S = expert_ids_NK.flatten()
-        # stable, so each expert keeps its earliest slots in token order when it is over capacity
-        sorted_ids_S, order_S = ids_S.sort(stable=True)
-        load_E = torch.bincount(ids_S, minlength=E)
+        # stable, so an over-capacity expert keeps its earliest slots in token order
+        sorted_ids_S, order_S = expert_ids_NK.flatten().sort(stable=True)
+        load_E = torch.bincount(sorted_ids_S, minlength=E)
         first_slot_E = load_E.cumsum(0) - load_E
-        pos_S = torch.empty_like(ids_S)
-        pos_S[order_S] = torch.arange(S, device=ids_S.device) - first_slot_E[sorted_ids_S]  # rank within expert
+        pos_S = torch.arange(S, device=x_ND.device) - first_slot_E[sorted_ids_S]  # rank within its expert
 
         cap = max(math.ceil(self.capacity_factor * S / E), self.min_capacity)
         C = min(int(load_E.max()), cap)
         kept_S = pos_S < C
-        # dropped slots write to one spare row past the E*C expert rows and read back with a zero gate
-        row_S = torch.where(kept_S, ids_S * C + pos_S, E * C)
+        # grid row of each sorted slot; dropped slots go to one spare row past the grid, then are cut off
+        row_S = torch.where(kept_S, sorted_ids_S * C + pos_S, E * C)
+        token_R = torch.zeros(E * C + 1, dtype=torch.long, device=x_ND.device).index_put_((row_S,), order_S // k)[:-1]
+        gate_R = gate_NK.new_zeros(E * C + 1).index_put((row_S,), gate_NK.flatten()[order_S])[:-1]
 
-        x_RD = x_ND.new_zeros(E * C + 1, d).index_put((row_S,), x_ND.repeat_interleave(k, dim=0))
-        h_ECR = self.act(torch.bmm(x_RD[:-1].view(E, C, d), self.W1_EDR))
+        # padding rows read token 0 and are zeroed by their gate, so they add exactly 0 below
+        x_ECD = x_ND[token_R].view(E, C, d)
+        h_ECR = self.act(torch.bmm(x_ECD, self.W1_EDR)) * gate_R.view(E, C, 1).to(x_ECD.dtype)
         y_RD = torch.bmm(h_ECR, self.W2_ERD).view(E * C, d)
-        y_NKD = y_RD[row_S.clamp(max=E * C - 1)].view(N, k, d)
-        gate_NK = gate_NK * kept_S.view(N, k)
-        y_ND = (y_NKD * gate_NK.unsqueeze(-1).to(y_NKD.dtype)).sum(1)
-        return y_ND.to(x_ND.dtype), (~kept_S).float().mean()
+        y_ND = x_ND.new_zeros(N, d).index_add(0, token_R, y_RD.to(x_ND.dtype))
+        return y_ND, 1 - kept_S.float().mean()
 
 
 def _entropy(probs_NX: torch.Tensor) -> torch.Tensor:
