@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -75,7 +76,7 @@ class MoELayer(nn.Module):
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
         self.bias_balance_rate = bias_balance_rate
         self.loss_scale = loss_scale
-        self.act = F.gelu if activation == "gelu" else F.relu
+        self.activation = activation
         self.router = nn.Linear(d_model, n_experts, bias=False)
         # all experts in two stacked tensors: one parameter per projection, sliced per expert without copies
         self.up_EDF = nn.Parameter(torch.empty(n_experts, d_model, d_ff).normal_(0.0, 0.02))
@@ -171,14 +172,12 @@ class MoELayer(nn.Module):
         return self.dropout(y_ND.view(B, T, D)), aux_loss, stats
 
     def _run_experts(self, x_AD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        """Each expert's contiguous block of sorted assignments through its FFN: one matmul per projection.
-
-        ``unbind``/``split`` are views whose backward is a single stack/cat, so the weight and input gradients
-        are assembled once instead of each expert's slice allocating a full-size zero gradient.
-        """
-        ups, downs = self.up_EDF.unbind(0), self.down_EFD.unbind(0)
-        blocks = x_AD.split(tokens_per_expert)
-        return torch.cat([self.act(x @ ups[e]) @ downs[e] for e, x in enumerate(blocks)])
+        """Each expert's contiguous block of sorted assignments through its FFN: one matmul per projection."""
+        dtype = torch.get_autocast_dtype(x_AD.device.type) if torch.is_autocast_enabled(x_AD.device.type) else None
+        up_EDF, down_EFD = self.up_EDF, self.down_EFD
+        if dtype is not None:  # what autocast would do to each matmul, done once for all experts
+            x_AD, up_EDF, down_EFD = x_AD.to(dtype), up_EDF.to(dtype), down_EFD.to(dtype)
+        return _ExpertFFN.apply(x_AD, up_EDF, down_EFD, tokens_per_expert, self.activation)
 
     def expert_params(self) -> int:
         """Parameters in all experts together (the part of the layer a token only partly uses)."""
@@ -213,3 +212,51 @@ def _take_rows(x_RD: torch.Tensor, src_S: torch.Tensor) -> torch.Tensor:
     if src_S.numel() > x_RD.size(0):
         x_RD = torch.cat([x_RD, x_RD.new_zeros(1, x_RD.size(1))])
     return x_RD.index_select(0, src_S)
+
+
+class _ExpertFFN(torch.autograd.Function):
+    """``act(x_e @ up[e]) @ down[e]`` for each expert's row block ``x_e``, forward and backward by hand.
+
+    Every matmul writes straight into its slice of one preallocated output or gradient (``out=``), so there is no
+    per-expert ``cat`` of outputs and no ``stack`` of per-expert weight gradients: autograd through slices of
+    the stacked weights would materialise both, a copy of all expert weights per layer and step.
+    """
+
+    @staticmethod
+    def forward(ctx, x_AD, up_EDF, down_EFD, tokens_per_expert: list[int], activation: str):
+        with torch.autocast(x_AD.device.type, enabled=False):
+            A, F_ = x_AD.size(0), up_EDF.size(2)
+            bounds = _block_bounds(tokens_per_expert)
+            h_AF = x_AD.new_empty(A, F_)
+            for e, (lo, hi) in enumerate(bounds):
+                torch.mm(x_AD[lo:hi], up_EDF[e], out=h_AF[lo:hi])
+            a_AF = F.gelu(h_AF) if activation == "gelu" else F.relu(h_AF)
+            y_AD = x_AD.new_empty(A, down_EFD.size(2))
+            for e, (lo, hi) in enumerate(bounds):
+                torch.mm(a_AF[lo:hi], down_EFD[e], out=y_AD[lo:hi])
+        ctx.save_for_backward(x_AD, up_EDF, down_EFD, h_AF, a_AF)
+        ctx.bounds, ctx.activation = bounds, activation
+        return y_AD
+
+    @staticmethod
+    def backward(ctx, grad_y_AD):
+        x_AD, up_EDF, down_EFD, h_AF, a_AF = ctx.saved_tensors
+        grad_y_AD = grad_y_AD.to(a_AF.dtype).contiguous()
+        grad_down_EFD, grad_a_AF = torch.empty_like(down_EFD), torch.empty_like(a_AF)
+        for e, (lo, hi) in enumerate(ctx.bounds):  # an expert with no tokens gets an all-zero gradient
+            torch.mm(a_AF[lo:hi].t(), grad_y_AD[lo:hi], out=grad_down_EFD[e])
+            torch.mm(grad_y_AD[lo:hi], down_EFD[e].t(), out=grad_a_AF[lo:hi])
+        if ctx.activation == "gelu":
+            grad_h_AF = torch.ops.aten.gelu_backward(grad_a_AF, h_AF)
+        else:
+            grad_h_AF = grad_a_AF * (h_AF > 0)
+        grad_up_EDF, grad_x_AD = torch.empty_like(up_EDF), torch.empty_like(x_AD)
+        for e, (lo, hi) in enumerate(ctx.bounds):
+            torch.mm(x_AD[lo:hi].t(), grad_h_AF[lo:hi], out=grad_up_EDF[e])
+            torch.mm(grad_h_AF[lo:hi], up_EDF[e].t(), out=grad_x_AD[lo:hi])
+        return grad_x_AD, grad_up_EDF, grad_down_EFD, None, None
+
+
+def _block_bounds(tokens_per_expert: list[int]) -> list[tuple[int, int]]:
+    ends = list(itertools.accumulate(tokens_per_expert))
+    return list(zip([0] + ends[:-1], ends))
