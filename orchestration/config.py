@@ -45,7 +45,7 @@ def _check_keys(cls, values: dict, where: str, prefix: str = "") -> None:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         if key not in fields:
-            raise ConfigError(f"unknown config key {prefix + key!r} in {where}; valid keys: {', '.join(_valid_keys(cls))}")
+            raise ConfigError(f"unknown config key {prefix + key!r} in {where}; valid keys: {', '.join(_valid_keys(cls, prefix))}")
         section = _section(fields[key])
         if section and isinstance(value, dict):
             _check_keys(section, value, where, prefix + key + ".")

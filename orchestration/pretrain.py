@@ -363,6 +363,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     from orchestration.ray_utils import ensure_ray
 
+    from models.registry import model_config
+
+    model_config(cfg.model, **cfg.model_overrides)  # a bad preset or field fails here, not in every worker
     run_dir = Path(cfg.output).expanduser().resolve()
     cfg = dataclasses.replace(cfg, output=str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)

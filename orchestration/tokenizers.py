@@ -67,6 +67,8 @@ class BPETokenizer:
 
     def __init__(self, tokenizer: Tokenizer):
         self._tok = tokenizer
+        # "<|endoftext|>" inside a document is ordinary text; the EOS id comes only from explicit appends
+        self._tok.encode_special_tokens = True
         self.vocab_size = tokenizer.get_vocab_size()
         eos = tokenizer.token_to_id(EOS)
         if eos is None:

@@ -21,7 +21,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, num_gpus=0, object_store_memory=300 * 1024**2, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False, namespace="memtrain-tests")
+        # the dashboard (localhost only) serves the State API Ray Train uses to free placement groups
+        ray.init(num_cpus=4, num_gpus=0, object_store_memory=300 * 1024**2, include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False, namespace="memtrain-tests")
     yield ray
     ray.shutdown()
