@@ -92,14 +92,18 @@ def search_comparison(index: str, vectors_ND, queries_QD, workdir: str, threads:
     return mem, add_rate
 
 
-def latency(mem, queries_QD: np.ndarray, n: int) -> tuple[float, float, float]:
-    times = []
+def latency(mem, queries_QD: np.ndarray, n: int) -> tuple[list[float], list[float]]:
+    """(p50, p95, p99) ms of single-query searches, and of a no-op actor call interleaved with them (the floor
+    Ray and the machine's load set for any call)."""
+    search_ms, noop_ms = [], []
     for i in range(n):
         started = time.perf_counter()
         mem.search(queries_QD[i % len(queries_QD)][None], 10)
-        times.append((time.perf_counter() - started) * 1000)
-    p50, p95, p99 = np.percentile(times, [50, 95, 99])
-    return float(p50), float(p95), float(p99)
+        search_ms.append((time.perf_counter() - started) * 1000)
+        started = time.perf_counter()
+        mem.pid()
+        noop_ms.append((time.perf_counter() - started) * 1000)
+    return [float(v) for v in np.percentile(search_ms, [50, 95, 99])], [float(v) for v in np.percentile(noop_ms, [50, 95, 99])]
 
 
 def recovery(n: int, dim: int, workdir: str) -> dict:
@@ -171,8 +175,11 @@ def main() -> None:
         for index in ("flat", "ivf"):
             mems[index], adds[index] = search_comparison(index, vectors_ND, queries_QD, workdir, args.threads,
                                                          args.repeats, rows)
-        p50, p95, p99 = latency(mems["ivf"], queries_QD, 3000)
-        print(f"ivf single-query latency through the actor: p50 {p50:.2f} ms  p95 {p95:.2f} ms  p99 {p99:.2f} ms", flush=True)
+        lat, noop = latency(mems["ivf"], queries_QD, 3000)
+        print("ivf single-query latency through the actor: p50 {:.2f} ms  p95 {:.2f} ms  p99 {:.2f} ms".format(*lat))
+        print("no-op actor call, interleaved:              p50 {:.2f} ms  p95 {:.2f} ms  p99 {:.2f} ms".format(*noop))
+        load = os.getloadavg()[0]
+        print(f"1-min load average at the end: {load:.1f} on {os.cpu_count()} CPUs", flush=True)
         for mem in mems.values():
             mem.shutdown(snapshot=False)
         rec = recovery(args.recovery_n, args.dim, workdir) if args.recovery_n else None
@@ -182,10 +189,10 @@ def main() -> None:
         ray.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
     if args.out:
-        write_report(args, rows, adds, (p50, p95, p99), rec)
+        write_report(args, rows, adds, lat, noop, load, rec)
 
 
-def write_report(args, rows, adds, lat, rec) -> None:
+def write_report(args, rows, adds, lat, noop, load, rec) -> None:
     lines = [
         "# Semantic memory benchmark",
         "",
@@ -206,7 +213,9 @@ def write_report(args, rows, adds, lat, rec) -> None:
     lines += [
         "",
         f"Single-query latency through the actor, 100k IVF: p50 {lat[0]:.2f} ms, p95 {lat[1]:.2f} ms, "
-        f"**p99 {lat[2]:.2f} ms** (3000 sequential calls).",
+        f"**p99 {lat[2]:.2f} ms** (3000 sequential calls). A no-op actor call interleaved with them: p50 {noop[0]:.2f} ms, "
+        f"p95 {noop[1]:.2f} ms, p99 {noop[2]:.2f} ms. 1-min load average at the end of the latency run: {load:.1f} on "
+        f"{os.cpu_count()} CPUs.",
         "",
         f"Add throughput through the actor (batches of 10k, durable on return, fsync on): flat {adds['flat']:,.0f} "
         f"vectors/s, IVF {adds['ivf']:,.0f} vectors/s (includes the automatic IVF trainings).",

@@ -121,8 +121,10 @@ class LocalMemory:
         >>> hits = mem.search(np.eye(1, 4, dtype=np.float32), k=1)
         >>> hits.texts[0], hits.ids_QK[0].tolist(), hits.metadata[0]
         (['north'], [0], [{'src': 'a'}])
-        >>> mem.remove(ids[:1]); mem.stats()["count"]
+        >>> mem.remove(ids[:1])
         1
+        >>> mem.stats()["count"], mem.get(ids[1:])
+        (1, [('east', None)])
         >>> mem.close()
     """
 
