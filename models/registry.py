@@ -27,6 +27,7 @@ FAMILY_MODULES = (
     "models.tgsmn.dense",
     "models.hmst.model",
     "models.tgsmn.sparse",
+    "models.thl.model",
 )
 
 
