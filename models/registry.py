@@ -19,6 +19,7 @@ import dataclasses
 import importlib
 from functools import cache
 
+import torch
 from torch import nn
 
 from models.common.errors import ModelError
@@ -62,3 +63,15 @@ def build_model(name: str, **overrides) -> nn.Module:
     """Build preset ``name`` with config ``overrides`` (for example ``vocab_size=...``)."""
     cfg = model_config(name, **overrides)
     return _presets()[name].build(cfg)
+
+
+def param_counts(name: str, **overrides) -> dict[str, int]:
+    """Total and active (used per token) parameters of a preset, counted on the meta device (no memory used).
+
+    A model with sparse experts reports its per-token count through an ``active_params()`` method.
+    """
+    with torch.device("meta"):
+        model = build_model(name, **overrides)
+    total = sum(p.numel() for p in model.parameters())
+    active = model.active_params() if hasattr(model, "active_params") else total
+    return {"total": total, "active": active}

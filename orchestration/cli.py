@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 
+from memory_service import MemoryServiceError
 from models.common.errors import ModelError
 from orchestration.errors import MemtrainError
 
@@ -109,14 +110,12 @@ def _register_generate(sub):
 # --- models -------------------------------------------------------------------------------------------------------
 
 def _cmd_models(args):
-    from models.registry import build_model, list_models
+    from models.registry import list_models, param_counts
 
-    print(f"{'model':<24}{'parameters':>14}{'active':>14}  (at vocab_size={args.vocab_size})")
+    print(f"{'model':<24}{'parameters':>16}{'active/token':>16}  (at vocab_size={args.vocab_size})")
     for name in list_models():
-        model = build_model(name, vocab_size=args.vocab_size)
-        total = sum(p.numel() for p in model.parameters())
-        active = getattr(model, "active_params", lambda: total)()
-        print(f"{name:<24}{total:>14,}{active:>14,}")
+        counts = param_counts(name, vocab_size=args.vocab_size)
+        print(f"{name:<24}{counts['total']:>16,}{counts['active']:>16,}")
 
 
 def _register_models(sub):
@@ -148,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memtrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in (_register_pipeline, _register_pretrain, _register_generate, _register_models):
+    from memory_service.cli import register as _register_memory
+
+    for register in (_register_pipeline, _register_pretrain, _register_generate, _register_models, _register_memory):
         register(sub)
     return parser
 
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         args.func(args)
-    except (MemtrainError, ModelError) as exc:
+    except (MemtrainError, ModelError, MemoryServiceError) as exc:
         print(f"memtrain: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -172,6 +172,11 @@ class TransformerLM(nn.Module):
         """Total parameters (a tied head counted once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def active_params(self) -> int:
+        """Parameters one token uses: everything except the FFN weights (experts) it is not routed to."""
+        ffn_total = sum(p.numel() for block in self.blocks for p in block.ffn.parameters())
+        return self.num_params() - ffn_total + self.active_ffn_params()
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward): 6 x matmul parameters + attention scores (PaLM, App. B).
 
