@@ -215,3 +215,99 @@ def test_episodic_bad_input():
     with pytest.raises(ModelError, match="queries"):
         memory.retrieve(torch.zeros(5))
     assert memory.retrieve(torch.zeros(32)) == [[]]
+
+
+# --- critic ---
+
+from models.hmst.critic import FACTS, QUERY, RESPONSE, Critic, CriticConfig, pack_segments  # noqa: E402
+from models.hmst.meta_controller import (GATES, MetaController, MetaControllerConfig,  # noqa: E402
+                                         state_features)
+
+
+def small_critic() -> Critic:
+    torch.manual_seed(0)
+    return Critic(CriticConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=24,
+                               dropout=0.0)).eval()
+
+
+def test_critic_packing_segments_and_truncation():
+    ids, segments, mask = pack_segments([([1, 2, 3], [4, 5], [6, 7, 8, 9]), ([1], [2], [])], max_len=8)
+    assert ids.shape == (2, 8)
+    assert segments[0].tolist() == [QUERY] * 3 + [RESPONSE] * 2 + [FACTS] * 3  # facts cut first
+    assert mask[1].tolist() == [True, True] + [False] * 6
+    with pytest.raises(ModelError, match="max_len"):
+        pack_segments([([1], list(range(9)), [])], max_len=8)
+
+
+def test_critic_padding_does_not_change_the_prediction():
+    critic = small_critic()
+    alone = critic(*pack_segments([([1, 2], [3, 4], [5])], max_len=24))
+    padded = critic(*pack_segments([([1, 2], [3, 4], [5]), ([1] * 10, [2] * 5, [3] * 5)], max_len=24))
+    torch.testing.assert_close(alone.correct_logit_B[0], padded.correct_logit_B[0], atol=1e-5, rtol=1e-5)
+    # segment ids matter: the same tokens labelled as facts instead of response give another score
+    ids, segments, mask = pack_segments([([1, 2], [3, 4], [5])], max_len=24)
+    other = critic(ids, torch.full_like(segments, FACTS), mask)
+    assert not torch.allclose(other.correct_logit_B, alone.correct_logit_B)
+
+
+def test_critic_learns_to_flag_swapped_facts():
+    # toy task: the response is correct iff it repeats the fact value token
+    critic = small_critic().train()
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(10, 40, (32,), generator=g).tolist()
+    wrong = [(v + 7 - 10) % 30 + 10 for v in values]
+    examples = [([1, 2], [v if i % 2 == 0 else w], [3, v]) for i, (v, w) in enumerate(zip(values, wrong))]
+    labels = torch.tensor([1.0 if i % 2 == 0 else 0.0 for i in range(32)])
+    batch = pack_segments(examples, max_len=24)
+    opt = torch.optim.AdamW(critic.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = Critic.loss(critic(*batch), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.7
+
+
+# --- meta-controller ---
+
+def test_meta_controller_policy_and_deterministic_mode():
+    torch.manual_seed(0)
+    ctrl = MetaController(MetaControllerConfig(query_dim=16, n_experts=4, hidden=32))
+    query_BD = torch.randn(6, 16)
+    state_BF = state_features(uncertainty=torch.rand(6), context_fraction=torch.rand(6),
+                              episodic_fill=torch.rand(6), semantic_fill=torch.rand(6), last_confidence=torch.rand(6))
+    gates, expert = ctrl.distributions(query_BD, state_BF)
+    sampled = ctrl.act(query_BD, state_BF)
+    assert set(sampled.actions) == set(GATES) | {"expert"}
+    assert all(((a == 0) | (a == 1)).all() for name, a in sampled.actions.items() if name != "expert")
+    assert ((sampled.actions["expert"] >= 0) & (sampled.actions["expert"] <= 4)).all()
+    # evaluate() gives the same log-prob as act() did for the same actions, and it has a gradient for PPO
+    again = ctrl.evaluate(query_BD, state_BF, sampled.actions)
+    torch.testing.assert_close(again.log_prob_B, sampled.log_prob_B)
+    again.log_prob_B.sum().backward()
+    assert ctrl.gate_head.weight.grad.abs().sum() > 0
+    det = ctrl.act(query_BD, state_BF, deterministic=True)
+    assert torch.equal(det.actions["expert"], expert.probs.argmax(-1))
+    assert torch.equal(det.actions["verify"], (gates.probs[:, 3] > 0.5).long())
+    assert torch.equal(ctrl.act(query_BD, state_BF, deterministic=True).actions["semantic"], det.actions["semantic"])
+
+
+def test_meta_controller_expert_bias_drives_the_lm():
+    ctrl = MetaController(MetaControllerConfig(query_dim=16, n_experts=4, bias_strength=100.0))
+    bias_BE = ctrl.expert_bias(torch.tensor([0, 3]))
+    assert bias_BE.tolist() == [[0.0] * 4, [0.0, 0.0, 100.0, 0.0]]
+    model = micro().eval()
+    model.set_expert_bias(bias_BE)
+    assert model(torch.randint(0, V, (2, 6))).logits.shape == (2, 6, V)
+
+
+def test_meta_controller_bad_input():
+    ctrl = MetaController(MetaControllerConfig(query_dim=16, n_experts=4))
+    with pytest.raises(ModelError, match="in \\[0, 1\\]"):
+        state_features([2.0], [0.1], [0.0], [0.0], [0.5])
+    with pytest.raises(ModelError, match="one value per query"):
+        state_features([0.5, 0.5], [0.1], [0.0], [0.0], [0.5])
+    with pytest.raises(ModelError, match=r"\(B, 16\)"):
+        ctrl.act(torch.randn(2, 8), torch.zeros(2, 5))

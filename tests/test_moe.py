@@ -97,7 +97,7 @@ def test_z_loss_is_mean_squared_logsumexp():
     x_BTD = torch.randn(2, 4, 6)
     _, aux, _ = moe(x_BTD)
     logits = F.linear(x_BTD.view(-1, 6), moe.router.weight)
-    assert aux.item() == pytest.approx(0.5 * float(torch.logsumexp(logits, -1).square().mean()), rel=1e-5)
+    assert aux.item() == pytest.approx(0.5 * torch.logsumexp(logits, -1).square().mean().item(), rel=1e-5)
     aux.backward()
     assert moe.router.weight.grad.abs().sum() > 0
 
