@@ -101,6 +101,31 @@ def test_dispatch_matches_naive_per_token_outputs_and_grads():
         torch.testing.assert_close(g_fast, g_ref)
 
 
+def test_whole_layer_matches_naive_per_token_routing_and_experts():
+    layer = tiny().blocks[0].ffn
+    layer.knobs.temperature = 0.7
+    torch.manual_seed(5)
+    x_ND = torch.randn(40, 32, requires_grad=True)
+    params = (x_ND, layer.group_router.weight, layer.router_GDM, layer.W1_EDR, layer.W2_ERD)
+
+    expert_ids_NK, gate_NK, _, _ = layer.route(x_ND)
+    y_fast, _ = layer.experts(x_ND, expert_ids_NK, gate_NK)
+
+    # the naive reference: per-token group router weights gathered, no sorting, no grid
+    group_p_N, group_ids_N = F.softmax(layer.group_router(x_ND), dim=-1).max(dim=-1)
+    logits_NM = torch.einsum("nd,ndm->nm", x_ND, layer.router_GDM[group_ids_N])
+    top_NK, top_m_NK = logits_NM.topk(2, dim=-1)
+    gate_ref_NK = F.softmax(top_NK / 0.7, dim=-1) * (group_p_N / group_p_N.detach())[:, None]
+    ids_ref_NK = group_ids_N[:, None] * 4 + top_m_NK
+    y_ref = naive_experts(layer, x_ND, ids_ref_NK, gate_ref_NK)
+
+    assert torch.equal(expert_ids_NK, ids_ref_NK)
+    torch.testing.assert_close(y_fast, y_ref)
+    dy = torch.randn_like(y_fast)
+    for g_fast, g_ref in zip(torch.autograd.grad(y_fast, params, dy), torch.autograd.grad(y_ref, params, dy)):
+        torch.testing.assert_close(g_fast, g_ref)
+
+
 def test_capacity_drops_the_latest_slots_of_overloaded_experts():
     layer = tiny(capacity_factor=0.5, min_capacity=1).blocks[0].ffn
     torch.manual_seed(4)

@@ -223,11 +223,15 @@ class SparseLM(TransformerLM):
     """The backbone with a HierarchicalSparseExperts layer as every FFN, and run-time routing knobs."""
 
     def __init__(self, cfg: SparseLMConfig):
-        self.routing = RoutingKnobs(cfg.max_k, cfg.router_noise, cfg.router_temperature)
-        super().__init__(cfg, make_ffn=lambda layer: HierarchicalSparseExperts(cfg, self.routing))
+        routing = RoutingKnobs(cfg.max_k, cfg.router_noise, cfg.router_temperature)
+        super().__init__(cfg, make_ffn=lambda layer: HierarchicalSparseExperts(cfg, routing))
+        self.routing = routing
 
     def set_routing(self, k: int, noise: float, temperature: float) -> None:
         """Set experts per token, router noise (training only) and gate temperature for every layer.
+
+        The knobs are run-time state, not weights: a saved model comes back at k = max_k with the config's
+        noise and temperature, so whoever steers them (a controller) checkpoints its own last action.
 
         Example::
 
