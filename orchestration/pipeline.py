@@ -43,6 +43,15 @@ class PipelineConfig:
     """Tokens to generate for the sample."""
 
 
+def _finished_stage(stage_dir: Path, max_steps: int) -> dict | None:
+    """The summary of a stage that already ran to ``max_steps`` in ``stage_dir`` (so a re-run skips it)."""
+    path = stage_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("step") == max_steps and summary.get("checkpoint") else None
+
+
 def run_pipeline(cfg: PipelineConfig, quick: bool = False) -> dict:
     from models.common.sampling import SamplingConfig, generate
     from models.io import load_model
@@ -53,9 +62,13 @@ def run_pipeline(cfg: PipelineConfig, quick: bool = False) -> dict:
     (out / "config.yaml").write_text(to_yaml(cfg))
     started = time.time()
 
-    log.info("stage 1/3: pretraining %s with %d Ray Train workers", cfg.pretrain.model, cfg.pretrain.workers)
     pre_cfg = dataclasses.replace(cfg.pretrain, output=str(out / "pretrain"))
-    pre = pretrain(pre_cfg)
+    pre = _finished_stage(out / "pretrain", pre_cfg.max_steps)
+    if pre:
+        log.info("stage 1/3: pretraining already finished at step %d (%s)", pre["step"], out / "pretrain")
+    else:
+        log.info("stage 1/3: pretraining %s with %d Ray Train workers", cfg.pretrain.model, cfg.pretrain.workers)
+        pre = pretrain(pre_cfg)
 
     log.info("stage 2/3: sampling from %s", pre["checkpoint"])
     model = load_model(pre["checkpoint"])
