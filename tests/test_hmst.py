@@ -130,6 +130,9 @@ def test_param_counts_match_the_analytic_formula():
     total = V * cfg.d_model + cfg.n_layers * per_layer + cfg.d_model * 2  # tied head, final + exit norms
     assert counts["total"] == total == model.num_params()
     assert counts["active"] == total - cfg.n_layers * (cfg.n_experts - cfg.top_k) * expert
+    assert model.active_params() == counts["active"]
+    from models.registry import param_counts as registry_counts  # what `memtrain models` prints
+    assert registry_counts("hmst-micro", vocab_size=V) == counts
     big = preset_param_counts("hmst-large")  # on the meta device: nothing is allocated
     assert big["total"] > 5e10 and big["active"] < big["total"] / 5
 

@@ -172,6 +172,10 @@ class HMSTLM(TransformerLM):
         return EarlyExitLM(self)
 
     # --- accounting ---
+    def active_params(self) -> int:
+        """Parameters one token uses (what ``memtrain models`` lists next to the total)."""
+        return param_counts(self)["active"]
+
     def active_ffn_params(self) -> int:
         return sum(moe.active_matmul_params() for moe in self.moe_layers())
 
