@@ -197,7 +197,7 @@ class MemoryRouter(nn.Module):
             dot_BHK = (keys_BHDK * q_BHD.unsqueeze(3)).sum(2) * scale
             logits_BHK = dot_BHK + (top_BHK - dot_BHK.detach())
         alpha_BHK = torch.softmax(logits_BHK / cfg.router_temperature, dim=-1)
-        r_BHV = torch.matmul(alpha_BHK.unsqueeze(2), values_BHKV).squeeze(2)
+        r_BHV = (alpha_BHK.unsqueeze(3) * values_BHKV).sum(2)  # kappa rows: elementwise beats a batched matvec
         if log is not None and cfg.straight_through:
             r_BHV = r_BHV + self._straight_through(q_BHD, scores_BHJ, state)
         with torch.no_grad():
