@@ -126,8 +126,8 @@ class TransformerLM(nn.Module):
 
     def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> LMOutput:
-        x_BTD, aux_loss, stats = self.hidden_states(input_ids_BT, cache)
-        logits_BTV = self.head(x_BTD)
+        x_BTD, _, aux_loss, stats = self.run_blocks(input_ids_BT, cache)
+        logits_BTV = self.head(self.norm_out(x_BTD))
         loss = None
         if targets_BT is not None:
             loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten())
@@ -135,9 +135,15 @@ class TransformerLM(nn.Module):
                 loss = loss + aux_loss
         return LMOutput(logits=logits_BTV, loss=loss, aux_loss=aux_loss, stats=stats)
 
-    def hidden_states(self, input_ids_BT: torch.Tensor, cache: KVCache | None = None) -> FFNOutput:
-        """Final-normed hidden states, the summed auxiliary loss of all FFNs, and their stats averaged over layers."""
+    def run_blocks(self, input_ids_BT: torch.Tensor, cache: KVCache | None = None, n_blocks: int | None = None,
+                   capture_after: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict]:
+        """Embed and run the first ``n_blocks`` blocks (all by default).
+
+        Returns the residual stream before the final norm, the stream after block ``capture_after`` (or None),
+        the summed auxiliary loss of the FFNs (None if they have none) and their stats averaged over the blocks run.
+        """
         B, T = input_ids_BT.shape
+        n_blocks = len(self.blocks) if n_blocks is None else n_blocks
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ModelError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}; "
@@ -146,17 +152,19 @@ class TransformerLM(nn.Module):
         if self.pos_emb is not None:
             x_BTD = x_BTD + self.pos_emb(torch.arange(start, start + T, device=input_ids_BT.device))
         x_BTD = self.emb_dropout(x_BTD)
-        aux_terms, stats = [], {}
-        for layer, block in enumerate(self.blocks):
-            x_BTD, aux, layer_stats = block(x_BTD, layer, cache)
+        aux_terms, stats, captured_BTD = [], {}, None
+        for layer in range(n_blocks):
+            x_BTD, aux, layer_stats = self.blocks[layer](x_BTD, layer, cache)
             if aux is not None:
                 aux_terms.append(aux)
             for key, value in layer_stats.items():
-                stats[key] = stats.get(key, 0.0) + value / len(self.blocks)
+                stats[key] = stats.get(key, 0.0) + value / n_blocks
+            if layer + 1 == capture_after:
+                captured_BTD = x_BTD
         if cache is not None:
             cache.advance(T)
         aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
-        return self.norm_out(x_BTD), aux_loss, stats
+        return x_BTD, captured_BTD, aux_loss, stats
 
     # --- generation protocol (models.common.sampling.generate) ---
     def new_state(self, batch_size: int, max_len: int) -> KVCache:

@@ -126,27 +126,7 @@ class HMSTLM(TransformerLM):
         if exit_early and not cfg.exit_layer:
             raise ModelError("this model has no early-exit head (exit_layer=0); build it with exit_layer >= 1")
         n_blocks = cfg.exit_layer if exit_early else cfg.n_layers
-        B, T = input_ids_BT.shape
-        start = cache.length if cache is not None else 0
-        if start + T > cfg.max_seq_len:
-            raise ModelError(f"sequence of {start + T} tokens exceeds max_seq_len={cfg.max_seq_len}; "
-                             "raise max_seq_len in the model config or feed shorter sequences")
-        x_BTD = self.tok_emb(input_ids_BT)
-        if self.pos_emb is not None:
-            x_BTD = x_BTD + self.pos_emb(torch.arange(start, start + T, device=input_ids_BT.device))
-        x_BTD = self.emb_dropout(x_BTD)
-
-        aux_terms, stats, exit_BTD = [], {}, None
-        for layer in range(n_blocks):
-            x_BTD, aux, layer_stats = self.blocks[layer](x_BTD, layer, cache)
-            aux_terms.append(aux)
-            for key, value in layer_stats.items():
-                stats[key] = stats.get(key, 0.0) + value / n_blocks
-            if layer + 1 == cfg.exit_layer:
-                exit_BTD = x_BTD
-        if cache is not None:
-            cache.advance(T)
-        aux_loss = torch.stack(aux_terms).sum()
+        x_BTD, exit_BTD, aux_loss, stats = self.run_blocks(input_ids_BT, cache, n_blocks, capture_after=cfg.exit_layer)
 
         if exit_early:
             logits_BTV = self.head(self.norm_exit(x_BTD))

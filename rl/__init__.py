@@ -1,0 +1,1 @@
+"""RLlib controllers: PPO training against memtrain's env wrappers, policies loaded without the Algorithm, evaluation."""

@@ -1,0 +1,179 @@
+"""``memtrain rl train``: PPO on RLlib's new API stack against a memtrain env, with checkpoints, resume and metrics.
+
+Example::
+
+    memtrain rl train thermo --iterations 20 --output runs/rl-thermo ppo.lr=3e-4 env_config.tasks=3
+
+The run directory holds ``config.yaml``, ``metrics.jsonl`` (one row per iteration: episode return, reward parts,
+action statistics, losses, env steps/s), ``summary.json``, ``checkpoints/iter_NNNN`` (RLlib's own format, for
+resuming) and ``policy/`` (the latest policy exported as safetensors + JSON, what ``LearnedPolicy.load`` reads).
+Re-running into the same output resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestration.config import to_yaml
+from orchestration.errors import ConfigError
+from rl.policy import export_policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOSettings:
+    lr: float = 3e-4
+    """Learning rate of policy and value networks."""
+    gamma: float = 0.99
+    """Discount factor."""
+    lambda_: float = 0.95
+    """GAE lambda."""
+    clip_param: float = 0.2
+    """PPO ratio clip."""
+    entropy_coeff: float = 0.01
+    """Entropy bonus weight."""
+    vf_loss_coeff: float = 0.5
+    """Value-loss weight."""
+    train_batch_size: int = 400
+    """Env steps collected per iteration."""
+    minibatch_size: int = 100
+    """SGD minibatch size."""
+    num_epochs: int = 4
+    """SGD passes over each iteration's batch."""
+    fcnet_hiddens: list[int] = field(default_factory=lambda: [64, 64])
+    """Hidden layer sizes of the MLP encoder."""
+    use_lstm: bool = False
+    """Recurrent policy: an LSTM after the MLP (the thermodynamic controller uses it)."""
+    lstm_cell_size: int = 64
+    """LSTM width."""
+    max_seq_len: int = 16
+    """BPTT length of the LSTM."""
+
+
+@dataclass
+class RLTrainConfig:
+    env: str = "thermo"
+    """meta (HMST meta-controller), thermo (TG-SMN thermodynamic controller), or a gymnasium id."""
+    env_config: dict[str, Any] = field(default_factory=dict)
+    """Passed to the env (see the env's config class for its fields)."""
+    output: str = "runs/rl"
+    """Run directory."""
+    iterations: int = 20
+    """PPO iterations (training_iteration) to reach; a resumed run continues up to this number."""
+    num_env_runners: int = 0
+    """Remote env runners (0 samples in the driver process; each runner takes one CPU)."""
+    checkpoint_every: int = 5
+    """Checkpoint and export the policy every N iterations (and at the end)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints to keep."""
+    seed: int = 0
+    """Seed of RLlib and the env."""
+    ppo: PPOSettings = field(default_factory=PPOSettings)
+    """PPO hyperparameters."""
+
+    def __post_init__(self):
+        for name in ("iterations", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def build_ppo_config(cfg: RLTrainConfig):
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+
+    from rl.callbacks import EpisodeMetrics
+    from rl.envs import rllib_env_name
+
+    p = cfg.ppo
+    return (PPOConfig()
+            .environment(rllib_env_name(cfg.env), env_config={**cfg.env_config, "seed": cfg.seed}
+                         if cfg.env in ("meta", "thermo") else cfg.env_config)
+            .env_runners(num_env_runners=cfg.num_env_runners)
+            .training(lr=p.lr, gamma=p.gamma, lambda_=p.lambda_, clip_param=p.clip_param,
+                      entropy_coeff=p.entropy_coeff, vf_loss_coeff=p.vf_loss_coeff,
+                      train_batch_size_per_learner=p.train_batch_size, minibatch_size=p.minibatch_size,
+                      num_epochs=p.num_epochs)
+            .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=list(p.fcnet_hiddens), use_lstm=p.use_lstm,
+                                                       lstm_cell_size=p.lstm_cell_size, max_seq_len=p.max_seq_len))
+            .callbacks(EpisodeMetrics)
+            .debugging(seed=cfg.seed))
+
+
+def _row(result: dict, wall_s: float) -> dict:
+    runners, learner = result.get("env_runners", {}), result.get("learners", {}).get("default_policy", {})
+    row = {"iteration": result["training_iteration"],
+           "episode_return_mean": runners.get("episode_return_mean"),
+           "episode_len_mean": runners.get("episode_len_mean"),
+           "env_steps": result.get("num_env_steps_sampled_lifetime"),
+           "iteration_s": round(wall_s, 3)}
+    row["env_steps_per_s"] = runners.get("num_env_steps_sampled", 0) / wall_s if wall_s else None
+    for key in ("total_loss", "policy_loss", "vf_loss", "entropy", "mean_kl_loss"):
+        if key in learner:
+            row[key] = float(learner[key])
+    for group in ("reward_part", "action_mean"):
+        for key, value in runners.get(group, {}).items():
+            row[f"{group}/{key}"] = float(value)
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted(p for p in (run_dir / "checkpoints").glob("iter_*") if (p / "rllib_checkpoint.json").is_file())
+    return found[-1] if found else None
+
+
+def train_ppo(cfg: RLTrainConfig) -> dict:
+    """Train (or resume) a PPO policy; returns the summary also written to summary.json."""
+    from orchestration.ray_utils import ensure_ray
+
+    run_dir = Path(cfg.output).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    ensure_ray()
+    algo = build_ppo_config(cfg).build_algo()
+    latest = _latest_checkpoint(run_dir)
+    if latest:  # our own checkpoint (RLlib's format holds pickles: only restore run directories you wrote)
+        algo.restore(str(latest))
+        log.info("resumed PPO from %s (iteration %d)", latest, algo.iteration)
+    started = time.time()
+    try:
+        while algo.iteration < cfg.iterations:
+            t0 = time.perf_counter()
+            result = algo.train()
+            row = _row(result, time.perf_counter() - t0)
+            with (run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"[memtrain rl] iter {row['iteration']} | return {row.get('episode_return_mean', float('nan')):.3f}"
+                  f" | {row.get('env_steps_per_s', 0):.1f} env steps/s | {row['iteration_s']:.1f} s", flush=True)
+            if algo.iteration % cfg.checkpoint_every == 0 or algo.iteration >= cfg.iterations:
+                _checkpoint(algo, cfg, run_dir)
+    finally:
+        algo.stop()
+    summary = {"env": cfg.env, "iterations": algo.iteration, "policy": str(run_dir / "policy"),
+               "checkpoint": str(_latest_checkpoint(run_dir)), "wall_s": round(time.time() - started, 1)}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    returns = [r["episode_return_mean"] for r in rows if "episode_return_mean" in r]
+    summary.update(first_return=returns[0] if returns else None, final_return=returns[-1] if returns else None)
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, allow_nan=False))
+    os.replace(tmp, run_dir / "summary.json")
+    return summary
+
+
+def _checkpoint(algo, cfg: RLTrainConfig, run_dir: Path) -> None:
+    target = run_dir / "checkpoints" / f"iter_{algo.iteration:04d}"
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    algo.save(str(tmp))
+    os.replace(tmp, target)  # complete or absent: a crash mid-save leaves only the .tmp
+    export_policy(algo, cfg.env, run_dir / "policy")
+    for old in sorted((run_dir / "checkpoints").glob("iter_????"))[:-cfg.keep_checkpoints]:
+        shutil.rmtree(old)
