@@ -230,6 +230,7 @@ def train_worker(loop_config: dict) -> None:
         ray.train.report({"step": 0, "tokens": 0, "eval_loss": eval_loss,
                           "eval_perplexity": math.exp(min(eval_loss, 50))})
     window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+    window_stats: dict[str, torch.Tensor] = {}
     grad_norm = torch.tensor(0.0)
     stop_early = False
     while not done() and not stop_early:
@@ -249,9 +250,12 @@ def train_worker(loop_config: dict) -> None:
                           for t in train.batch(order.take(base + micro * cfg.batch_size, cfg.batch_size)))
             sync = micro == cfg.grad_accum - 1 or world == 1
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
-                loss = model(x_BT, y_BT).loss
-            (loss / cfg.grad_accum).backward()
-            window_loss += loss.detach().float() / cfg.grad_accum
+                out = model(x_BT, y_BT)
+            (out.loss / cfg.grad_accum).backward()
+            window_loss += out.loss.detach().float() / cfg.grad_accum
+            for key, value in out.stats.items():  # routing/memory diagnostics, averaged over the log window
+                value = torch.as_tensor(value).detach().float() / cfg.grad_accum
+                window_stats[key] = window_stats.get(key, 0.0) + value
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -269,7 +273,9 @@ def train_worker(loop_config: dict) -> None:
             metrics.update(loss=loss_mean, perplexity=math.exp(min(loss_mean, 50)), lr=lr,
                            grad_norm=float(grad_norm), tokens_per_s=tokens_per_s,
                            mfu=tokens_per_s * flops_per_token / peak)
+            metrics.update({key: float(value) / window_steps for key, value in window_stats.items()})
             window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+            window_stats = {}
         if state.step % cfg.eval_every == 0 or done():
             eval_loss = evaluate(model, val, cfg, rank, world, device, autocast, reducer)
             metrics.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50)))
