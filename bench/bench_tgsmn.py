@@ -46,8 +46,8 @@ class PerTokenGatherExperts(HierarchicalSparseExperts):
         return (y_NKD * gate_NK.unsqueeze(-1)).sum(1), torch.zeros(())
 
 
-def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each callable, running them in turn so background load is shared alike."""
+def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each repeat of each callable, running them in turn so background load is shared alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -57,7 +57,7 @@ def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict[str, float]:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def bench_layer(reps: int) -> None:
@@ -89,13 +89,15 @@ def bench_layer(reps: int) -> None:
             loss.backward()
         return run
 
-    medians = interleaved({name: fwd_bwd(layer) for name, (layer, _, _) in layers.items()}, reps)
+    times = interleaved({name: fwd_bwd(layer) for name, (layer, _, _) in layers.items()}, reps)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
     ours = medians["sparse, ours (batched dispatch)"]
-    print(f"\n### FFN layer, forward + backward, {B * T:,} tokens x d {d} (median of {reps})\n")
-    print("| layer | total params | active params/token | ms | time / ours |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"\n### FFN layer, forward + backward, {B * T:,} tokens x d {d} (median of {reps}, min)\n")
+    print("| layer | total params | active params/token | ms (median) | ms (min) | time / ours |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, (_, total, act) in layers.items():
-        print(f"| {name} | {total:,} | {act:,} | {medians[name] * 1e3:.1f} | {medians[name] / ours:.2f} |")
+        print(f"| {name} | {total:,} | {act:,} | {medians[name] * 1e3:.1f} | {min(times[name]) * 1e3:.1f} | "
+              f"{medians[name] / ours:.2f} |")
 
 
 def bench_step(reps: int) -> None:
@@ -123,15 +125,16 @@ def bench_step(reps: int) -> None:
     runs = {"tgsmn-dense-small": trainer("tgsmn-dense-small"),
             "tgsmn-sparse-small": trainer("tgsmn-sparse-small"),
             "tgsmn-sparse-small, source's per-token gather": trainer("tgsmn-sparse-small", gather=True)}
-    medians = interleaved({name: step for name, (_, step) in runs.items()}, reps)
+    times = interleaved({name: step for name, (_, step) in runs.items()}, reps)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
     tok_s = {name: B * T / s for name, s in medians.items()}
     dense, sparse = tok_s["tgsmn-dense-small"], tok_s["tgsmn-sparse-small"]
-    print(f"\n### Training step (fwd + bwd + clip + AdamW), V {V:,}, batch {B} x {T} (median of {reps})\n")
-    print("| model | params | ms/step | tokens/s | vs dense |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"\n### Training step (fwd + bwd + clip + AdamW), V {V:,}, batch {B} x {T} (median of {reps}, min)\n")
+    print("| model | params | ms/step (median) | ms/step (min) | tokens/s (median) | vs dense |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, (model, _) in runs.items():
-        print(f"| {name} | {model.num_params():,} | {medians[name] * 1e3:.0f} | {tok_s[name]:,.0f} | "
-              f"{tok_s[name] / dense:.2f} |")
+        print(f"| {name} | {model.num_params():,} | {medians[name] * 1e3:.0f} | {min(times[name]) * 1e3:.0f} | "
+              f"{tok_s[name]:,.0f} | {tok_s[name] / dense:.2f} |")
     gather = tok_s["tgsmn-sparse-small, source's per-token gather"]
     print(f"\nsparse / dense = {sparse / dense:.2f} (source: {1900 / 5600:.2f}); "
           f"sparse / per-token-gather sparse = {sparse / gather:.2f}")
@@ -142,7 +145,7 @@ def bench_step(reps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layer-reps", type=int, default=21, help="timed repeats per layer variant")
+    parser.add_argument("--layer-reps", type=int, default=15, help="timed repeats per layer variant")
     parser.add_argument("--step-reps", type=int, default=9, help="timed repeats per training-step variant")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args()
