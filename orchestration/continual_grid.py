@@ -1,0 +1,202 @@
+"""A grid of continual-learning runs (variants x controllers x benchmarks x seeds) as parallel Ray tasks.
+
+Each run writes its own directory ``<output>/<benchmark>/<variant>/<controller>/seed<S>/``; a run whose
+``summary.json`` says finished is skipped, and an interrupted one resumes from its newest checkpoint, so
+re-running the same grid only does what is missing. The grid ends with one table: ``results.csv`` (a row per
+run) and ``results.md`` (the same rows, then mean and standard deviation over seeds per group).
+
+Example (``configs/continual/grid-permuted.yaml``)::
+
+    memtrain continual-grid configs/continual/grid-permuted.yaml base.data.source=/path/to/wikitext2
+
+or from Python::
+
+    >>> cfg = load_config(GridConfig, "configs/continual/grid-permuted.yaml")     # doctest: +SKIP
+    >>> rows = run_grid(cfg)                                                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from orchestration.config import from_dict, load_config
+from orchestration.continual import ContinualConfig, run_continual
+from orchestration.continual_tasks import build_stream
+from orchestration.errors import ConfigError
+from orchestration.pretrain import _write_atomic
+from orchestration.report import markdown_table
+
+log = logging.getLogger(__name__)
+
+# the summary figures each results row carries (None when a run did not produce them)
+RESULT_KEYS = ("avg_final_loss", "avg_final_perplexity", "forgetting", "backward_transfer", "forward_transfer",
+               "avg_learned_loss", "steps", "tokens")
+GROUP_KEYS = ("benchmark", "variant", "controller")
+
+
+@dataclass
+class GridConfig:
+    base: ContinualConfig = field(default_factory=ContinualConfig)
+    """Settings every run shares (any continual field, e.g. base.max_steps_per_task=40)."""
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    """Named lists of key=value overrides of base, e.g. dense: [model=tgsmn-dense-tiny] (empty: one variant 'base')."""
+    controllers: list[str] = field(default_factory=list)
+    """Controllers crossed with the variants (empty: each variant's own controller setting)."""
+    benchmarks: list[str] = field(default_factory=list)
+    """Benchmarks crossed with the rest (empty: base.stream.benchmark)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Training seeds of every combination."""
+    output: str = "runs/continual-grid"
+    """Grid directory: one sub-directory per run, results.csv and results.md."""
+    cpus_per_run: float = 1.0
+    """Ray CPUs reserved by each run (runs in parallel = cluster CPUs / cpus_per_run)."""
+    threads_per_run: int = 1
+    """torch threads inside each run."""
+
+    def __post_init__(self):
+        if not self.seeds:
+            raise ConfigError("the grid needs at least one seed, e.g. seeds=[0,1,2]")
+        if self.cpus_per_run <= 0 or self.threads_per_run < 1:
+            raise ConfigError("cpus_per_run must be > 0 and threads_per_run >= 1")
+
+
+@dataclass
+class GridRun:
+    """One cell of the grid."""
+    benchmark: str
+    variant: str
+    controller: str
+    seed: int
+    cfg: ContinualConfig
+
+
+def expand(grid: GridConfig) -> list[GridRun]:
+    """Every run of the grid with its resolved config (bad overrides fail here, before anything starts)."""
+    base = dataclasses.asdict(grid.base)
+    variants = grid.variants or {"base": []}
+    runs = []
+    for benchmark in grid.benchmarks or [grid.base.stream.benchmark]:
+        for variant, overrides in variants.items():
+            own = load_config(ContinualConfig, overrides=list(overrides), **base)
+            for controller in grid.controllers or [own.controller]:
+                for seed in grid.seeds:
+                    out = Path(grid.output).expanduser().resolve() / benchmark / variant / controller / f"seed{seed}"
+                    cfg = dataclasses.replace(own, stream=dataclasses.replace(own.stream, benchmark=benchmark),
+                                              controller=controller, seed=seed, output=str(out),
+                                              threads=grid.threads_per_run)
+                    runs.append(GridRun(benchmark, variant, controller, seed, cfg))
+    return runs
+
+
+def _run_remote(cfg_dict: dict) -> dict:
+    """Body of one Ray task: rebuild the config and run (or resume) it."""
+    logging.basicConfig(level=logging.WARNING)
+    return run_continual(from_dict(ContinualConfig, cfg_dict))
+
+
+def _finished(run: GridRun) -> dict | None:
+    path = Path(run.cfg.output) / "summary.json"
+    if path.is_file():
+        summary = json.loads(path.read_text())
+        if summary.get("status") == "finished":
+            return summary
+    return None
+
+
+def run_grid(grid: GridConfig) -> list[dict]:
+    """Run every missing cell of the grid as a Ray task, then write results.csv and results.md; returns the rows."""
+    import ray
+
+    from orchestration.ray_utils import ensure_ray
+
+    runs = expand(grid)
+    out = Path(grid.output).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    # tokenize each distinct stream once on the driver, so parallel runs find it cached instead of racing
+    for key in {json.dumps([dataclasses.asdict(r.cfg.stream), dataclasses.asdict(r.cfg.data)]) for r in runs}:
+        stream_cfg, data_cfg = json.loads(key)
+        probe = from_dict(ContinualConfig, {"stream": stream_cfg, "data": data_cfg})
+        build_stream(probe.stream, probe.data)
+    summaries: dict[int, dict] = {}
+    todo = []
+    for i, run in enumerate(runs):
+        done = _finished(run)
+        if done is not None:
+            summaries[i] = {**done, "grid_status": "skipped"}
+        else:
+            todo.append(i)
+    log.info("grid: %d runs, %d already finished, %d to run", len(runs), len(runs) - len(todo), len(todo))
+    if todo:
+        ensure_ray()
+        task = ray.remote(_run_remote).options(num_cpus=grid.cpus_per_run, max_retries=0)
+        pending = {task.remote(dataclasses.asdict(runs[i].cfg)): i for i in todo}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ready[0])
+            run = runs[i]
+            try:
+                summaries[i] = {**ray.get(ready[0]), "grid_status": "ran"}
+                log.info("grid: finished %s/%s/%s seed %d (%d left)", run.benchmark, run.variant, run.controller,
+                         run.seed, len(pending))
+            except Exception as exc:  # one failed run must not stop the others; its row says why
+                summaries[i] = {"grid_status": "error", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                log.error("grid: %s/%s/%s seed %d failed: %s", run.benchmark, run.variant, run.controller,
+                          run.seed, summaries[i]["error"])
+    rows = []
+    for i, run in enumerate(runs):
+        s = summaries[i]
+        rows.append({"benchmark": run.benchmark, "variant": run.variant, "controller": run.controller,
+                     "model": run.cfg.model, "seed": run.seed, "status": s["grid_status"],
+                     **{k: s.get(k) for k in RESULT_KEYS}, "signal_fraction": s.get("time", {}).get("signal_fraction"),
+                     "train_s": s.get("time", {}).get("train_s"), "error": s.get("error", ""), "dir": run.cfg.output})
+    write_results(out, rows)
+    return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation (over seeds, ddof=1) of the result figures per (benchmark, variant, controller)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["status"] != "error":
+            groups.setdefault(tuple(r[k] for k in GROUP_KEYS), []).append(r)
+    out = []
+    for key, members in groups.items():
+        row = dict(zip(GROUP_KEYS, key), model=members[0]["model"], seeds=len(members))
+        for metric in ("avg_final_loss", "forgetting", "backward_transfer", "forward_transfer", "avg_learned_loss"):
+            values = np.array([m[metric] for m in members if m[metric] is not None], dtype=float)
+            row[metric] = _mean_std(values)
+        out.append(row)
+    return out
+
+
+def _mean_std(values: np.ndarray) -> str:
+    if len(values) == 0:
+        return ""
+    std = values.std(ddof=1) if len(values) > 1 else math.nan
+    return f"{values.mean():.4f} ± {std:.4f}" if math.isfinite(std) else f"{values.mean():.4f}"
+
+
+def write_results(out: Path, rows: list[dict]) -> None:
+    """results.csv (one row per run) and results.md (per-run table, then the seed aggregate)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(out / "results.csv", buf.getvalue())
+    agg = aggregate(rows)
+    md = ["# continual grid results", "", "## mean ± std over seeds (losses in nats/token)", "",
+          markdown_table(agg, [*GROUP_KEYS, "model", "seeds", "avg_final_loss", "forgetting", "backward_transfer",
+                               "forward_transfer", "avg_learned_loss"]),
+          "", "## every run", "",
+          markdown_table(rows, [*GROUP_KEYS, "seed", "status", "avg_final_loss", "forgetting", "backward_transfer",
+                                "forward_transfer", "signal_fraction", "train_s", "error"]), ""]
+    _write_atomic(out / "results.md", "\n".join(md))
