@@ -119,9 +119,9 @@ def _row(result: dict, wall_s: float) -> dict:
     for key in ("total_loss", "policy_loss", "vf_loss", "entropy", "mean_kl_loss"):
         if key in learner:
             row[key] = float(learner[key])
-    for group in ("reward_part", "action_mean"):
-        for key, value in runners.get(group, {}).items():
-            row[f"{group}/{key}"] = float(value)
+    for key, value in runners.items():  # logged by rl.callbacks.EpisodeMetrics
+        if key.startswith(("reward_part/", "action_mean/")):
+            row[key] = float(value)
     return {k: v for k, v in row.items() if v is not None}
 
 
