@@ -1,0 +1,538 @@
+"""Hyperparameter sweeps with Ray Tune over pretraining runs (``memtrain sweep FILE.yaml``).
+
+Each trial is a real Ray Train pretraining run: a light Tune function (0.01 CPU) builds and fits a
+``TorchTrainer`` running :func:`orchestration.pretrain.train_worker`, and a ``TuneReportCallback`` forwards the
+workers' evaluations to Tune (the Train v2 + Tune pattern of ray-notes §3; ``Tuner(TorchTrainer)`` does not work
+under Train v2). Every trial directory is an ordinary pretraining run directory (config.yaml, metrics.jsonl,
+tensorboard/, checkpoints/), so ``memtrain report`` and ``memtrain pretrain --output`` work on it.
+
+Example::
+
+    memtrain sweep configs/sweeps/pretrain-lr.yaml
+    memtrain sweep configs/sweeps/pretrain-lr.yaml num_samples=8 pretrain.max_steps=400 output=runs/lr2
+
+or from Python::
+
+    >>> cfg = load_config(SweepConfig, "configs/sweeps/pretrain-lr.yaml")   # doctest: +SKIP
+    >>> rows = sweep(cfg)                                                    # doctest: +SKIP
+    >>> rows[0]["trial_id"], rows[0]["eval_loss"]                            # the best trial  # doctest: +SKIP
+
+The sweep directory holds ``results.csv`` and ``results.md`` (trials ranked by the metric), ``best_config.yaml``
+(a pretraining config: ``memtrain pretrain --config .../best_config.yaml``), ``sweep.yaml`` (the resolved sweep
+config), ``trials/<trial_id>/`` and Tune's experiment state in ``tune/``. Re-running the same command on a sweep
+directory that holds an unfinished experiment (Ctrl+C, a crash, ``interrupt_after_trials``) restores it with
+``Tuner.restore``: finished trials are kept, interrupted ones resume from their newest Train checkpoint, pending
+ones start.
+
+Adding another kind of trial (continual learning, PPO) means one more entry in ``TRIAL_KINDS``: its config
+section, how a trial runs, and its time attribute for the schedulers.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import logging
+import math
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from orchestration.config import _valid_keys, from_dict, load_config, to_yaml
+from orchestration.errors import ConfigError, MemtrainError
+from orchestration.pretrain import CHECKPOINTS_DIR, PretrainConfig
+
+log = logging.getLogger(__name__)
+
+TUNE_DIR = "tune"            # Tune experiment: <output>/tune/{tuner.pkl, experiment_state-*.json, <trial dirs>}
+TRIALS_DIR = "trials"        # one pretraining run directory per trial: <output>/trials/<trial_id>/
+INTERRUPT_MARKER = ".drill_interrupted"
+SEARCH_TYPES = ("choice", "grid", "uniform", "loguniform")
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "asha"
+    """asha (stop the worse trials at step milestones; ASHA of Li et al.) or fifo (run every trial to the end)."""
+    grace_period: int = 0
+    """ASHA: steps every trial runs before it can be stopped (0 = the pretraining eval_every)."""
+    reduction_factor: float = 2.0
+    """ASHA: only the best 1/reduction_factor of the trials at a milestone go on to the next one."""
+    brackets: int = 1
+    """ASHA: number of brackets (different grace periods); 1 is the usual choice."""
+
+    def __post_init__(self):
+        if self.name == "pbt":
+            raise ConfigError("scheduler.name=pbt is not available for pretraining sweeps yet: it needs a trial to "
+                              "start from another trial's checkpoint, which the pretraining worker cannot do yet; "
+                              "use asha or fifo")
+        if self.name not in ("asha", "fifo"):
+            raise ConfigError(f"scheduler.name must be asha or fifo, got {self.name!r}")
+        if self.grace_period < 0 or self.reduction_factor <= 1 or self.brackets < 1:
+            raise ConfigError("scheduler needs grace_period >= 0, reduction_factor > 1 and brackets >= 1, got "
+                              f"{self.grace_period}, {self.reduction_factor}, {self.brackets}")
+
+
+@dataclass
+class SweepConfig:
+    kind: str = "pretrain"
+    """What a trial runs: pretrain (a Ray Train pretraining run configured by the ``pretrain`` section)."""
+    output: str = "runs/sweep"
+    """Sweep directory: results.csv/.md, best_config.yaml, sweep.yaml, trials/<id>/ and the Tune state in tune/."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """The pretraining config every trial starts from; the search space replaces some of its fields."""
+    search: dict[str, Any] = field(default_factory=dict)
+    """Search space: a key of the trial config (dots for nested keys: lr, data.seq_len, model_overrides.d_model)
+    mapped to one of {choice: [values]}, {grid: [values]}, {uniform: [low, high]}, {loguniform: [low, high]}."""
+    metric: str = "eval_loss"
+    """Reported metric that ranks trials (and drives ASHA): eval_loss, eval_perplexity, loss, ..."""
+    mode: str = "min"
+    """min or max: whether a smaller or a larger metric is better."""
+    num_samples: int = 1
+    """Samples of the search space; every grid combination is run num_samples times."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Trial scheduler and its parameters."""
+    max_concurrent_trials: int = 0
+    """Trials running at once (0 = as many as the cluster's CPUs/GPUs hold at once)."""
+    driver_cpus: float = 0.01
+    """CPUs reserved by each trial's driver, which only builds and waits on its TorchTrainer (must be > 0: Tune
+    refuses an empty reservation). A trial reserves this plus pretrain.workers x pretrain.cpus_per_worker."""
+    trial_start_retries: int = 2
+    """Times a trial's Ray Train controller may retry starting its worker group (for example when it cannot get
+    resources) before the trial errors, instead of waiting forever."""
+    seed: int = 0
+    """Seed of the search-space sampling (each trial's training seed is pretrain.seed unless searched)."""
+    interrupt_after_trials: int = 0
+    """Reliability drill: interrupt the sweep like Ctrl+C once this many trials finished, once per sweep
+    directory (0 = never); re-running the command resumes it."""
+
+    def __post_init__(self):
+        if self.kind not in TRIAL_KINDS:
+            raise ConfigError(f"kind must be one of {', '.join(TRIAL_KINDS)}, got {self.kind!r}")
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"mode must be min or max, got {self.mode!r}")
+        if self.num_samples < 1 or self.max_concurrent_trials < 0 or self.interrupt_after_trials < 0:
+            raise ConfigError("num_samples must be >= 1, max_concurrent_trials and interrupt_after_trials >= 0")
+        if self.driver_cpus <= 0:
+            raise ConfigError(f"driver_cpus must be > 0 (Tune cannot reserve nothing), got {self.driver_cpus}; "
+                              "0.01 is plenty")
+        if not self.search:
+            raise ConfigError("the search space is empty; add e.g. search: {lr: {loguniform: [1.0e-4, 1.0e-2]}}")
+        for key, spec in self.search.items():
+            _check_spec(key, spec)
+
+
+def _check_spec(key: str, spec) -> None:
+    example = "e.g. lr: {loguniform: [1.0e-4, 1.0e-2]} or data.seq_len: {choice: [64, 128]}"
+    if isinstance(spec, dict) and len(spec) > 1:  # an override of a key the YAML file searches merges into it
+        raise ConfigError(f"search.{key} has several kinds ({', '.join(spec)}); give exactly one, e.g. edit the "
+                          f"YAML file instead of overriding search.{key} with a different kind")
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_TYPES:
+        raise ConfigError(f"search.{key} must be one of {{{'|'.join(SEARCH_TYPES)}: ...}} ({example}), got {spec!r}")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"search.{key}.{kind} needs a non-empty list ({example}), got {values!r}")
+    if kind in ("uniform", "loguniform"):
+        if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
+            raise ConfigError(f"search.{key}.{kind} needs [low, high] numbers with low < high, got {values!r}")
+        if kind == "loguniform" and values[0] <= 0:
+            raise ConfigError(f"search.{key}.loguniform needs low > 0, got {values[0]}")
+
+
+# --- search space -----------------------------------------------------------------------------------------------
+
+def _set_path(tree: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[last] = value
+
+
+def trial_config(base: PretrainConfig, params: dict) -> PretrainConfig:
+    """The base config with the sampled ``params`` (dotted keys) put in, checked like any config.
+
+    >>> trial_config(PretrainConfig(), {"lr": 1e-3, "model_overrides.d_model": 64}).model_overrides
+    {'d_model': 64}
+    """
+    values = dataclasses.asdict(base)
+    for key, value in params.items():
+        _set_path(values, key, value)
+    return load_config(PretrainConfig, **values)
+
+
+def _corner_params(cfg: SweepConfig) -> list[dict]:
+    """Every choice/grid value and both ends of every range, combined: what the trials can be, checked up front."""
+    options = {k: next(iter(s.values())) for k, s in cfg.search.items()}
+    keys = list(options)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(options[k] for k in keys))]
+
+
+def _check_search_keys(cfg: SweepConfig) -> None:
+    """Search keys must name fields of the trial config; every corner of the space must make a valid config."""
+    from models.registry import model_config
+
+    valid = _valid_keys(PretrainConfig)
+    for key in cfg.search:
+        if key not in valid and not key.startswith("model_overrides."):
+            raise ConfigError(f"search key {key!r} is not a field of the {cfg.kind} config; valid keys: "
+                              f"{', '.join(valid)} (model_overrides.<model field> too)")
+        if key == "output":
+            raise ConfigError("search key 'output' is not allowed: every trial writes to <sweep output>/trials/<id>")
+    for params in _corner_params(cfg):
+        try:
+            trial = trial_config(cfg.pretrain, params)
+            model_config(trial.model, **trial.model_overrides)
+        except MemtrainError as exc:
+            raise ConfigError(f"the search space makes an invalid trial config at {params}: {exc}") from None
+        except (TypeError, ValueError) as exc:  # the model family's own checks
+            raise ConfigError(f"the search space makes an invalid model at {params}: {exc}") from None
+
+
+def tune_space(search: dict) -> dict:
+    """Tune's param_space from our search spec.
+
+    >>> sorted(tune_space({"lr": {"loguniform": [1e-4, 1e-2]}, "seed": {"grid": [0, 1]}}))
+    ['lr', 'seed']
+    """
+    from ray import tune
+
+    make: dict[str, Callable] = {"choice": tune.choice, "grid": tune.grid_search,
+                                 "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}
+    return {key: make[kind](values) for key, spec in search.items() for kind, values in spec.items()}
+
+
+def planned_trials(cfg: SweepConfig) -> int:
+    grids = [len(v) for s in cfg.search.values() for k, v in s.items() if k == "grid"]
+    return cfg.num_samples * math.prod(grids)
+
+
+# --- one trial: a Ray Train pretraining run inside a Tune function ----------------------------------------------
+
+def _make_tune_forwarder(metric: str, earlier: dict):
+    """A TuneReportCallback that forwards the reports holding the metric (evaluations) and the final one, merged
+    with the newest figures of the run (``earlier``: what a resumed run reported before): Tune then always sees
+    the metric it ranks on, once per evaluation, and learns that a resumed run had already finished."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ForwardEvaluations(TuneReportCallback):
+        def __init__(self):
+            super().__init__()
+            self.latest = dict(earlier)
+
+        def after_report(self, run_context, metrics, checkpoint):
+            self.latest.update(metrics[0])
+            if metric in metrics[0] or metrics[0].get("done"):
+                row = dict(self.latest)
+                # the worker's "done" flag would end the Tune trial while Ray Train is still saving its last state
+                row["finished"] = bool(row.pop("done", False))
+                super().after_report(run_context, [row], checkpoint)
+
+    return ForwardEvaluations()
+
+
+# settings of the data section that change the token shards (seq_len only changes how they are cut into windows)
+_SHARD_KEYS = [f.name for f in dataclasses.fields(PretrainConfig().data) if f.name != "seq_len"]
+
+
+def _prepare_trial_data(trial: PretrainConfig, run_dir: Path, shared: dict, base: PretrainConfig):
+    """Reuse the sweep's tokenizer and shards unless the trial searched a setting that changes them."""
+    from orchestration.data import PreparedData, prepare_data
+
+    if all(getattr(trial.data, k) == getattr(base.data, k) for k in _SHARD_KEYS):
+        data = PreparedData(**shared)
+        if not (run_dir / "tokenizer.json").is_file():
+            shutil.copy2(data.tokenizer_path, run_dir / "tokenizer.json")
+        return dataclasses.replace(data, tokenizer_path=str(run_dir / "tokenizer.json"))
+    return prepare_data(trial.data, run_dir)
+
+
+def _check_enough_windows(cfg: PretrainConfig, data) -> None:
+    needed = cfg.workers * cfg.grad_accum * cfg.batch_size
+    for split, minimum in (("train", needed), ("validation", 1)):
+        have = (data.n_tokens[split] - 1) // cfg.data.seq_len
+        if have < minimum:
+            raise ConfigError(f"the {split} split has {have} windows of {cfg.data.seq_len} tokens, a step needs "
+                              f"{minimum}; use more text, a shorter data.seq_len or a smaller batch")
+
+
+def run_pretrain_trial(params: dict, *, sweep: dict, shared_data: dict, sweep_dir: str) -> None:
+    """The Tune function trainable of ``kind: pretrain``: fit one TorchTrainer with the sampled params."""
+    import ray.train
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from orchestration.pretrain import _make_metrics_sink, read_metrics, train_worker
+
+    cfg = from_dict(SweepConfig, sweep)
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = Path(sweep_dir) / TRIALS_DIR / trial_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trial = dataclasses.replace(trial_config(cfg.pretrain, params), output=str(run_dir))
+    (run_dir / "config.yaml").write_text(to_yaml(trial))
+    data = _prepare_trial_data(trial, run_dir, shared_data, cfg.pretrain)
+    _check_enough_windows(trial, data)
+    use_gpu = trial.gpus_per_worker > 0
+    resources = {"CPU": trial.cpus_per_worker, **({"GPU": trial.gpus_per_worker} if use_gpu else {})}
+    earlier = {k: v for row in read_metrics(run_dir) for k, v in row.items() if k != "checkpoint"}
+    # Same Train run name and storage as `memtrain pretrain`: a restored trial resumes from its newest checkpoint
+    TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": dataclasses.asdict(trial), "data": dataclasses.asdict(data)},
+        scaling_config=ScalingConfig(num_workers=trial.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=CHECKPOINTS_DIR, storage_path=str(run_dir),
+            checkpoint_config=CheckpointConfig(num_to_keep=trial.keep_checkpoints),
+            # a bounded controller_failure_limit: a worker group that cannot start fails the trial, not hangs it
+            failure_config=FailureConfig(max_failures=trial.max_failures,
+                                         controller_failure_limit=cfg.trial_start_retries),
+            callbacks=[_make_metrics_sink(str(run_dir)), _make_tune_forwarder(cfg.metric, earlier)],
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    ).fit()
+
+
+@dataclass(frozen=True)
+class TrialKind:
+    """How a sweep of one kind runs: its trial function and the result key that counts its progress."""
+    run: Callable
+    time_attr: str
+    max_t: Callable[[SweepConfig], int]
+    grace: Callable[[SweepConfig], int]
+
+
+TRIAL_KINDS: dict[str, TrialKind] = {
+    "pretrain": TrialKind(
+        run=run_pretrain_trial, time_attr="step",
+        max_t=lambda c: max([c.pretrain.max_steps, *c.search.get("max_steps", {}).get("grid", []),
+                             *c.search.get("max_steps", {}).get("choice", [])]),
+        grace=lambda c: c.scheduler.grace_period or c.pretrain.eval_every),
+}
+
+
+# --- the sweep --------------------------------------------------------------------------------------------------
+
+def _scheduler(cfg: SweepConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.scheduler.name == "fifo":
+        return FIFOScheduler()
+    kind = TRIAL_KINDS[cfg.kind]
+    return ASHAScheduler(time_attr=kind.time_attr, max_t=kind.max_t(cfg), grace_period=kind.grace(cfg),
+                         reduction_factor=cfg.scheduler.reduction_factor, brackets=cfg.scheduler.brackets)
+
+
+def _interrupt_callback(sweep_dir: Path, after: int):
+    """A Tune callback that interrupts the sweep the way Ctrl+C does (Tune saves its state and returns) once
+    ``after`` trials finished, once per sweep directory (a marker file remembers it across the restore)."""
+    from ray import tune
+
+    class InterruptAfterTrials(tune.Callback):
+        def __init__(self):
+            self.finished = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.finished += 1
+            marker = sweep_dir / INTERRUPT_MARKER
+            if self.finished >= after and not marker.exists():
+                marker.touch()
+                log.warning("drill: interrupting the sweep after %d finished trial(s)", self.finished)
+                os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own interrupt handler (same path as Ctrl+C)
+
+    return InterruptAfterTrials()
+
+
+def _trial_resources(cfg: SweepConfig) -> dict:
+    p = cfg.pretrain
+    return {"CPU": cfg.driver_cpus + p.workers * p.cpus_per_worker, "GPU": p.workers * p.gpus_per_worker}
+
+
+def _concurrency(cfg: SweepConfig) -> int:
+    """The concurrency limit: Tune only sees the drivers' reservations (Train workers reserve their own), so it
+    must be told how many trials fit, or extra trials wait for workers until their start-up times out."""
+    import ray
+
+    total = ray.cluster_resources()
+    need = _trial_resources(cfg)
+    fits = min(int(total.get(k, 0) // v) for k, v in need.items() if v > 0)
+    if fits < 1:
+        raise ConfigError(f"one trial needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs but the Ray cluster has "
+                          f"{total.get('CPU', 0):g} and {total.get('GPU', 0):g}; lower pretrain.workers or "
+                          "pretrain.cpus_per_worker (fractions allowed)")
+    if cfg.max_concurrent_trials > fits:
+        log.warning("max_concurrent_trials=%d but only %d trial(s) fit on the cluster at once", cfg.max_concurrent_trials,
+                    fits)
+    return min(cfg.max_concurrent_trials or fits, fits)
+
+
+def _resolved_sweep(cfg: SweepConfig) -> dict:
+    """The settings that define the experiment (a restore must match them); output and the drill may differ."""
+    values = dataclasses.asdict(cfg)
+    for key in ("output", "interrupt_after_trials", "max_concurrent_trials"):
+        values.pop(key)
+    values["pretrain"].pop("output")
+    return values
+
+
+def _check_restorable(sweep_dir: Path, cfg: SweepConfig) -> None:
+    saved_path = sweep_dir / "sweep.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text())
+    saved = _resolved_sweep(from_dict(SweepConfig, saved))
+    now = _resolved_sweep(cfg)
+    diffs = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diffs:
+        raise ConfigError(f"{sweep_dir} holds a sweep with different {', '.join(diffs)}, so it cannot be resumed; "
+                          "use the same settings, or a new output directory")
+
+
+def sweep(cfg: SweepConfig) -> list[dict]:
+    """Run (or resume) a sweep; returns the trials ranked best first (also written to results.csv/.md)."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from orchestration.data import prepare_data
+    from orchestration.ray_utils import ensure_ray
+
+    _check_search_keys(cfg)
+    sweep_dir = Path(cfg.output).expanduser().resolve()
+    cfg = dataclasses.replace(cfg, output=str(sweep_dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    experiment = sweep_dir / TUNE_DIR
+    restoring = tune.Tuner.can_restore(str(experiment))
+    if restoring:
+        _check_restorable(sweep_dir, cfg)
+    (sweep_dir / "sweep.yaml").write_text(to_yaml(cfg))
+    # tokenize once for the whole sweep: trials share the tokenizer and the cached token shards
+    shared = prepare_data(cfg.pretrain.data, sweep_dir)
+    ensure_ray()
+    concurrency = _concurrency(cfg)
+    trainable = tune.with_resources(
+        tune.with_parameters(TRIAL_KINDS[cfg.kind].run, sweep=dataclasses.asdict(cfg),
+                             shared_data=dataclasses.asdict(shared), sweep_dir=str(sweep_dir)),
+        {"cpu": cfg.driver_cpus})
+    if restoring:
+        log.info("restoring the unfinished sweep in %s", experiment)
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        callbacks = [_interrupt_callback(sweep_dir, cfg.interrupt_after_trials)] if cfg.interrupt_after_trials else []
+        log.info("sweep of %d trial(s), %d at a time, each reserving %s", planned_trials(cfg), concurrency,
+                 _trial_resources(cfg))
+        tuner = tune.Tuner(
+            trainable, param_space=tune_space(cfg.search),
+            tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples,
+                                        scheduler=_scheduler(cfg),
+                                        # the generator itself limits concurrency (Tune ignores
+                                        # max_concurrent_trials when given a generator)
+                                        search_alg=BasicVariantGenerator(random_state=cfg.seed,
+                                                                         max_concurrent=concurrency)),
+            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir), callbacks=callbacks,
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+    results = tuner.fit()
+    rows = rank_trials(results, cfg)
+    write_results(sweep_dir, rows, cfg)
+    finished = sum(r["status"] in ("completed", "stopped early") for r in rows)
+    planned = planned_trials(cfg)
+    if finished < planned:
+        print(f"[memtrain] sweep interrupted: {finished} of {planned} trials finished; run the same command again to "
+              f"resume it ({sweep_dir})", flush=True)
+    elif rows:
+        print(f"[memtrain] sweep done: best trial {rows[0]['trial_id']} with {cfg.metric} {rows[0][cfg.metric]:.4f}; "
+              f"{sweep_dir / 'results.md'}, {sweep_dir / 'best_config.yaml'}", flush=True)
+    return rows
+
+
+# --- results ----------------------------------------------------------------------------------------------------
+
+def _status(result) -> str:
+    metrics = result.metrics or {}
+    if result.error is not None:
+        return "error"
+    if not metrics.get("done"):
+        return "interrupted" if metrics else "pending"
+    if metrics.get("finished"):
+        return "completed"
+    return "stopped early"  # by the scheduler
+
+
+def rank_trials(results, cfg: SweepConfig) -> list[dict]:
+    """One row per trial (params, final and best metric, progress, status), best first; failed trials last."""
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or (result.config or {}).get("trial_id") or Path(result.path).name
+        history = result.metrics_dataframe
+        best = None
+        if history is not None and cfg.metric in history:
+            series = history[cfg.metric].dropna()
+            best = float(series.min() if cfg.mode == "min" else series.max()) if len(series) else None
+        rows.append({
+            "trial_id": trial_id, "status": _status(result),
+            **{k: (result.config or {}).get(k) for k in cfg.search},
+            cfg.metric: metrics.get(cfg.metric), f"best_{cfg.metric}": best,
+            "step": metrics.get("step"), "tokens": metrics.get("tokens"), "loss": metrics.get("loss"),
+            "tokens_per_s": metrics.get("tokens_per_s"),
+            "wall_s": round(metrics["time_total_s"], 1) if "time_total_s" in metrics else None,
+            "run_dir": str(Path(cfg.output) / TRIALS_DIR / trial_id),
+        })
+    sign = 1 if cfg.mode == "min" else -1
+    rows.sort(key=lambda r: (r[cfg.metric] is None or r["status"] == "error",
+                             sign * r[cfg.metric] if r[cfg.metric] is not None else 0.0))
+    for i, row in enumerate(rows, 1):
+        row["rank"] = i
+    return rows
+
+
+def results_columns(cfg: SweepConfig) -> list[str]:
+    return ["rank", "trial_id", "status", *cfg.search, cfg.metric, f"best_{cfg.metric}", "step", "tokens", "loss",
+            "tokens_per_s", "wall_s", "run_dir"]
+
+
+def write_results(sweep_dir: Path, rows: list[dict], cfg: SweepConfig) -> None:
+    """results.csv, results.md (the ranking) and best_config.yaml (the best trial's pretraining config)."""
+    from orchestration.report import markdown_table
+
+    columns = results_columns(cfg)
+    with (sweep_dir / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    shown = [c for c in columns if c != "run_dir"]
+    md = [f"# Sweep {sweep_dir.name}: {cfg.kind}, ranked by {cfg.metric} ({cfg.mode})", "",
+          markdown_table(rows, shown), ""]
+    (sweep_dir / "results.md").write_text("\n".join(md))
+    best = rows[0] if rows and rows[0][cfg.metric] is not None and rows[0]["status"] != "error" else None
+    if best is None:
+        return
+    best_cfg = yaml.safe_load((Path(best["run_dir"]) / "config.yaml").read_text())
+    best_cfg["output"] = str(sweep_dir / "best")  # a fresh run dir: e.g. train the winner longer
+    header = (f"# best trial {best['trial_id']} of {sweep_dir}: {cfg.metric} {best[cfg.metric]:.6g}\n"
+              f"# memtrain pretrain --config {sweep_dir / 'best_config.yaml'} max_steps=...\n")
+    (sweep_dir / "best_config.yaml").write_text(header + yaml.safe_dump(best_cfg, sort_keys=False))
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+def _cmd_sweep(args) -> None:
+    cfg = load_config(SweepConfig, args.file, args.overrides)
+    sweep(cfg)
+
+
+def register(subparsers) -> None:
+    """Add ``memtrain sweep FILE.yaml [key=value ...]`` to the CLI's sub-commands."""
+    p = subparsers.add_parser(
+        "sweep", help="hyperparameter sweep with Ray Tune (ASHA) over pretraining runs; resumes when re-run",
+        description="Run a Ray Tune sweep described by FILE.yaml (presets in configs/sweeps/). Re-running on the "
+                    "same output directory resumes an interrupted sweep.")
+    p.add_argument("file", metavar="FILE.yaml", help="sweep config (see configs/sweeps/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override any sweep field, e.g. num_samples=8 pretrain.max_steps=400 output=runs/s2")
+    p.set_defaults(func=_cmd_sweep)

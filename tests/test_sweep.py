@@ -1,0 +1,98 @@
+"""Ray Tune sweeps over pretraining: config checks, and a real sweep that is interrupted and then restored."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from orchestration.config import load_config
+from orchestration.errors import ConfigError
+from orchestration.pretrain import PretrainConfig, read_metrics
+from orchestration.sweep import SweepConfig, planned_trials, sweep, trial_config, tune_space
+
+PRESET = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "pretrain-lr.yaml"
+
+
+def test_preset_loads_and_plans_four_trials():
+    cfg = load_config(SweepConfig, PRESET)
+    assert cfg.kind == "pretrain" and cfg.pretrain.model == "tgsmn-dense-tiny" and planned_trials(cfg) == 4
+    assert set(tune_space(cfg.search)) == {"lr"}
+    cfg = load_config(SweepConfig, PRESET, ["num_samples=2", "pretrain.max_steps=40"])
+    assert planned_trials(cfg) == 8 and cfg.pretrain.max_steps == 40
+
+
+def test_trial_config_puts_nested_params_in_and_checks_them():
+    trial = trial_config(PretrainConfig(), {"lr": 1e-3, "data.seq_len": 64, "model_overrides.d_model": 96})
+    assert (trial.lr, trial.data.seq_len, trial.model_overrides) == (1e-3, 64, {"d_model": 96})
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        trial_config(PretrainConfig(), {"batch_size": 0})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["search.warmup_steps={between: [1, 2]}"], r"search.warmup_steps must be one of \{choice\|grid\|uniform\|loguniform"),
+    (["search.weight_decay={loguniform: [0, 1.0e-2]}"], r"search.weight_decay.loguniform needs low > 0"),
+    (["search.weight_decay={uniform: [1.0e-2, 1.0e-3]}"], r"low < high"),
+    (["search.lr={uniform: [1.0e-4, 1.0e-3]}"], r"search.lr has several kinds \(grid, uniform\); give exactly one"),
+    (["search.lr={grid: []}"], r"search.lr.grid needs a non-empty list"),
+    (["scheduler.name=pbt"], r"pbt is not available .* use asha or fifo"),
+    (["scheduler.name=hyperband"], r"scheduler.name must be asha or fifo"),
+    (["driver_cpus=0"], r"driver_cpus must be > 0"),
+    (["mode=lowest"], r"mode must be min or max"),
+    (["kind=ppo"], r"kind must be one of pretrain"),
+    (["schedular.name=fifo"], r"unknown config key 'schedular'"),
+])
+def test_bad_sweep_configs_are_refused_with_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(SweepConfig, PRESET, overrides)
+
+
+@pytest.mark.parametrize("search, message", [
+    ({"learning_rate": {"grid": [1e-3]}}, r"search key 'learning_rate' is not a field of the pretrain config; valid keys: model, "),
+    ({"output": {"grid": ["a"]}}, r"search key 'output' is not allowed"),
+    ({"batch_size": {"grid": [8, 0]}}, r"invalid trial config at \{'batch_size': 0\}: batch_size must be >= 1"),
+    ({"model_overrides.n_layerz": {"grid": [2]}}, r"invalid .*n_layerz"),
+])
+def test_bad_search_spaces_fail_before_any_trial(tmp_path, search, message):
+    cfg = load_config(SweepConfig, PRESET, [f"output={tmp_path}"])
+    cfg.search = search
+    with pytest.raises(ConfigError, match=message):
+        sweep(cfg)
+    assert not (tmp_path / "tune").exists()
+
+
+def tiny_sweep(output, shard_cache, *extra):
+    """Four 20-step trials of a 2-layer model, two at a time, ASHA from step 10 (tens of seconds per wave)."""
+    return load_config(SweepConfig, PRESET, [
+        f"output={output}", "search.lr={grid: [3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2]}", "scheduler.grace_period=10",
+        "max_concurrent_trials=2", f"pretrain.data.cache_dir={shard_cache}", "pretrain.data.vocab_size=512",
+        "pretrain.data.seq_len=32", "pretrain.data.max_documents=600", "pretrain.model_overrides.n_layers=2",
+        "pretrain.model_overrides.d_model=64", "pretrain.model_overrides.d_ff=128", "pretrain.batch_size=8",
+        "pretrain.max_steps=20", "pretrain.warmup_steps=5", "pretrain.eval_every=5", "pretrain.eval_batches=2",
+        "pretrain.log_every=5", "pretrain.checkpoint_every=5", *extra])
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_restores_and_ranks_every_trial(ray_session, tmp_path):
+    out = tmp_path / "sweep"
+    cfg = tiny_sweep(out, str(tmp_path / "shards"), "interrupt_after_trials=1")
+    first = sweep(cfg)
+    statuses = [r["status"] for r in first]
+    assert (out / ".drill_interrupted").exists()
+    assert sum(s in ("completed", "stopped early") for s in statuses) < 4  # the drill cut it short
+
+    rows = sweep(cfg)  # the same command again: Tuner.restore picks it up
+    assert len(rows) == 4 and all(r["status"] in ("completed", "stopped early") for r in rows)
+    assert sorted(r["lr"] for r in rows) == [3e-4, 1e-3, 3e-3, 1e-2]
+    losses = [r["eval_loss"] for r in rows]
+    assert losses == sorted(losses) and [r["rank"] for r in rows] == [1, 2, 3, 4]
+    assert any(r["status"] == "completed" and r["step"] == 20 for r in rows)
+    for row in rows:  # every trial directory is a pretraining run directory whose steps never go back
+        steps = [r["step"] for r in read_metrics(row["run_dir"])]
+        # (a trial ASHA stopped may train a little further while Tune tears it down)
+        assert steps == sorted(steps) and steps[-1] >= row["step"] and steps.count(0) == 1
+    with (out / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [t["trial_id"] for t in table] == [r["trial_id"] for r in rows]
+    assert rows[0]["trial_id"] in (out / "results.md").read_text().splitlines()[4]
+    best = load_config(PretrainConfig, out / "best_config.yaml")
+    assert best.lr == rows[0]["lr"] and best.output == str(out / "best")
