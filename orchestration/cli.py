@@ -148,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from memory_service.cli import register as _register_memory
+    from rl.cli import register as _register_rl
 
-    for register in (_register_pipeline, _register_pretrain, _register_generate, _register_models, _register_memory):
+    for register in (_register_pipeline, _register_pretrain, _register_generate, _register_models, _register_memory,
+                     _register_rl):
         register(sub)
     return parser
 

@@ -50,3 +50,11 @@ def test_bad_inputs(tmp_path):
 
     with pytest.raises(RLError, match="unknown env 'nope'.*meta, thermo"):
         make_env("nope")
+
+
+def test_mean_ci95():
+    from rl.evaluate import mean_ci95
+
+    mean, half = mean_ci95([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.3027 / np.sqrt(3), rel=1e-3)
+    assert mean_ci95([5.0]) == (5.0, 0.0)

@@ -1,0 +1,88 @@
+"""``memtrain rl train|eval``: train a controller with PPO, and compare it with fixed baselines."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import yaml
+
+from rl.errors import RLError
+
+
+def _cmd_train(args) -> int:
+    from orchestration.config import load_config
+    from rl.train import RLTrainConfig, train_ppo
+
+    flags = {"env": args.env}
+    if args.iterations is not None:
+        flags["iterations"] = args.iterations
+    if args.output is not None:
+        flags["output"] = args.output
+    if args.env_runners is not None:
+        flags["num_env_runners"] = args.env_runners
+    summary = train_ppo(load_config(RLTrainConfig, args.config, args.overrides, **flags))
+    print(f"[memtrain rl] done: {summary['iterations']} iterations, return {summary['first_return']} -> "
+          f"{summary['final_return']}; policy {summary['policy']}")
+    return 0
+
+
+def baseline_policies(env: str, env_config: dict) -> dict:
+    """The fixed policies an env module offers (``baseline_policies(env_config)``), by name."""
+    from rl.envs import ENVS
+
+    if env not in ENVS:
+        raise RLError(f"no baselines for env {env!r}; memtrain envs: {', '.join(ENVS)}")
+    module = importlib.import_module(ENVS[env][0])
+    return module.baseline_policies(env_config)
+
+
+def _cmd_eval(args) -> int:
+    from rl.evaluate import evaluate, write_report
+    from rl.policy import LearnedPolicy
+
+    policy_dir = Path(args.policy)
+    if (policy_dir / "policy").is_dir():  # a run directory
+        policy_dir = policy_dir / "policy"
+    learned = LearnedPolicy.load(policy_dir)
+    if learned.env_name != args.env:
+        raise RLError(f"the policy in {policy_dir} was trained on env {learned.env_name!r}, not {args.env!r}")
+    run_config = policy_dir.parent / "config.yaml"
+    env_config = (yaml.safe_load(run_config.read_text()) or {}).get("env_config", {}) if run_config.is_file() else {}
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        env_config[key.removeprefix("env_config.")] = yaml.safe_load(value)
+    policies = {"learned": learned}
+    baselines = baseline_policies(args.env, env_config)
+    wanted = list(baselines) if args.baselines == "all" else args.baselines.split(",")
+    unknown = sorted(set(wanted) - set(baselines))
+    if unknown:
+        raise RLError(f"unknown baseline(s) {unknown} for {args.env}; available: {', '.join(baselines)}")
+    policies.update({name: baselines[name] for name in wanted})
+    seeds = list(range(1000, 1000 + args.seeds))  # held out: training uses seeds below 1000
+    rows = evaluate(args.env, env_config, policies, seeds, args.episodes)
+    out = write_report(rows, args.output or policy_dir.parent / "eval", f"{args.env} controller: learned vs fixed")
+    print((out / "results.md").read_text())
+    return 0
+
+
+def register(subparsers) -> None:
+    rl = subparsers.add_parser("rl", help="RLlib PPO controllers: train, evaluate against fixed baselines")
+    sub = rl.add_subparsers(dest="rl_command", required=True, metavar="COMMAND")
+    train = sub.add_parser("train", help="train a controller with PPO (resumes from --output)")
+    train.add_argument("env", help="meta (HMST meta-controller) or thermo (TG-SMN thermodynamic controller)")
+    train.add_argument("--iterations", type=int)
+    train.add_argument("--output")
+    train.add_argument("--env-runners", dest="env_runners", type=int, help="remote env runners (0 = in the driver)")
+    train.add_argument("--config", help="YAML config (see configs/rl/)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. ppo.lr=1e-4 env_config.tasks=3")
+    train.set_defaults(func=_cmd_train)
+    ev = sub.add_parser("eval", help="a learned policy against fixed baselines, 95%% intervals over seeds")
+    ev.add_argument("env")
+    ev.add_argument("--policy", required=True, help="run directory of `memtrain rl train` (or its policy/)")
+    ev.add_argument("--baselines", default="all", help="comma-separated baseline names, or all")
+    ev.add_argument("--seeds", type=int, default=3)
+    ev.add_argument("--episodes", type=int, default=5, help="episodes per seed")
+    ev.add_argument("--output", help="where results.md/json and returns.png go (default <run>/eval)")
+    ev.add_argument("overrides", nargs="*", metavar="env_config.key=value")
+    ev.set_defaults(func=_cmd_eval)
