@@ -9,7 +9,9 @@ What differs from the source (spec §1.3, §5):
   source) and carries the gradient ``<dL/dy, y> / p`` to the group router;
 - a load-balancing loss over groups and experts (B2), weighted by ``balance_weight``;
 - dispatch sorts the token-slots by expert once and runs two batched matmuls over experts padded to a
-  capacity (S2: the source gathered a copy of the expert weights for every token).
+  capacity; the per-group expert routers run the same way over tokens sorted by group (S2: the source
+  gathered a copy of the expert and router weights for every token). An expert over capacity drops its
+  latest slots (``dropped_frac``); tokens are ordered position-major, so the layer stays causal.
 
 Example::
 
