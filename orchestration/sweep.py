@@ -441,9 +441,10 @@ def sweep(cfg: SweepConfig) -> list[dict]:
     write_results(sweep_dir, rows, cfg)
     finished = sum(r["status"] in ("completed", "stopped early") for r in rows)
     planned = planned_trials(cfg)
+    errored = sum(r["status"] == "error" for r in rows)
     if finished < planned:
-        print(f"[memtrain] sweep interrupted: {finished} of {planned} trials finished; run the same command again to "
-              f"resume it ({sweep_dir})", flush=True)
+        print(f"[memtrain] sweep incomplete: {finished} of {planned} trials finished, {errored} errored (see the "
+              f"log above); run the same command again to resume it ({sweep_dir})", flush=True)
     elif rows:
         print(f"[memtrain] sweep done: best trial {rows[0]['trial_id']} with {cfg.metric} {rows[0][cfg.metric]:.4f}; "
               f"{sweep_dir / 'results.md'}, {sweep_dir / 'best_config.yaml'}", flush=True)

@@ -96,3 +96,18 @@ def test_interrupted_sweep_restores_and_ranks_every_trial(ray_session, tmp_path)
     assert rows[0]["trial_id"] in (out / "results.md").read_text().splitlines()[4]
     best = load_config(PretrainConfig, out / "best_config.yaml")
     assert best.lr == rows[0]["lr"] and best.output == str(out / "best")
+
+
+@pytest.mark.slow
+def test_two_trial_fifo_sweep_ranks_trials_and_writes_results(ray_session, tmp_path):
+    out = tmp_path / "sweep"
+    rows = sweep(tiny_sweep(out, str(tmp_path / "shards"), "search.lr={grid: [1.0e-4, 1.0e-2]}",
+                            "scheduler.name=fifo", "pretrain.max_steps=10"))
+    assert [r["status"] for r in rows] == ["completed", "completed"] and all(r["step"] == 10 for r in rows)
+    assert rows[0]["lr"] == 1e-2 and rows[0]["eval_loss"] < rows[1]["eval_loss"]  # 100x the lr learns faster
+    assert (out / "results.md").is_file() and load_config(PretrainConfig, out / "best_config.yaml").lr == 1e-2
+    # every trial directory is a pretraining run directory: metrics, checkpoints, shared tokenizer
+    for row in rows:
+        run = Path(row["run_dir"])
+        assert read_metrics(run)[-1]["step"] == 10 and (run / "checkpoints").is_dir()
+        assert (run / "tokenizer.json").read_text() == (out / "tokenizer.json").read_text()
