@@ -81,13 +81,13 @@ def generate(model: StepModel, prompt_ids_BT: torch.Tensor, cfg: SamplingConfig)
     if cfg.seed is not None:
         generator = torch.Generator(device=prompt_ids_BT.device).manual_seed(cfg.seed)
     state = model.new_state(prompt_ids_BT.size(0), prompt_ids_BT.size(1) + cfg.max_new_tokens)
+    # preallocated, so a long stream from a constant-memory model (THL) stays constant-memory
+    new_BN = prompt_ids_BT.new_zeros((prompt_ids_BT.size(0), cfg.max_new_tokens))
+    if cfg.max_new_tokens == 0:
+        return new_BN
     logits_BTV = model.step(prompt_ids_BT, state)
-    new_tokens = []
     for i in range(cfg.max_new_tokens):
-        next_B = sample_next(logits_BTV[:, -1], cfg, generator)
-        new_tokens.append(next_B)
+        new_BN[:, i] = sample_next(logits_BTV[:, -1], cfg, generator)
         if i + 1 < cfg.max_new_tokens:  # the last token needs no forward pass of its own
-            logits_BTV = model.step(next_B[:, None], state)
-    if not new_tokens:
-        return prompt_ids_BT.new_zeros((prompt_ids_BT.size(0), 0))
-    return torch.stack(new_tokens, dim=1)
+            logits_BTV = model.step(new_BN[:, i:i + 1], state)
+    return new_BN
