@@ -1,4 +1,4 @@
-"""The ``memtrain`` command line (also ``python -m orchestration.cli``).
+"""memtrain: train memory-augmented LMs on Ray (also run as ``python -m orchestration.cli``).
 
 Every command takes ``--config FILE.yaml`` and ``key=value`` overrides of any config field, e.g.::
 
@@ -148,10 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from memory_service.cli import register as _register_memory
+    from orchestration.cluster import register as _register_cluster
+    from orchestration.report_cli import register as _register_report
+    from orchestration.sweep import register as _register_sweep
     from rl.cli import register as _register_rl
 
-    for register in (_register_pipeline, _register_pretrain, _register_generate, _register_models, _register_memory,
-                     _register_rl):
+    for register in (_register_pipeline, _register_pretrain, _register_sweep, _register_generate, _register_models,
+                     _register_memory, _register_rl, _register_report, _register_cluster):
         register(sub)
     return parser
 

@@ -4,8 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 log = logging.getLogger(__name__)
+
+
+def local_dashboard_args() -> dict:
+    """``ray.init`` arguments for a local cluster's dashboard, bound to localhost on a free port.
+
+    The dashboard serves the State API that Ray Train's placement-group cleaner queries. Pointing every worker at
+    it (RAY_API_SERVER_ADDRESS) keeps that query on our own cluster when other Ray clusters run on the machine
+    (otherwise it fails with "Found multiple active Ray instances" and finished trials keep their CPUs).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+            "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
 
 
 def ensure_ray(namespace: str = "memtrain", num_cpus: int | None = None) -> None:
@@ -24,7 +39,5 @@ def ensure_ray(namespace: str = "memtrain", num_cpus: int | None = None) -> None
         log.info("connected to Ray cluster at %s", os.environ["RAY_ADDRESS"])
         return
     cpus = num_cpus or 2 * (os.cpu_count() or 1)
-    # the dashboard (bound to localhost) serves the State API that Ray Train needs to clean up placement groups
-    ray.init(namespace=namespace, num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=True)
+    ray.init(namespace=namespace, num_cpus=cpus, log_to_driver=True, **local_dashboard_args())
     log.info("started a local Ray cluster with %d logical CPUs", cpus)

@@ -20,9 +20,10 @@ def ray_session():
     """A local Ray cluster shared by every test that needs one (4 logical CPUs on 2 cores, see ray-notes §7)."""
     import ray
 
+    from orchestration.ray_utils import local_dashboard_args
+
     if not ray.is_initialized():
-        # the dashboard (localhost only) serves the State API Ray Train uses to free placement groups
-        ray.init(num_cpus=4, num_gpus=0, object_store_memory=300 * 1024**2, include_dashboard=True,
-                 dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False, namespace="memtrain-tests")
+        ray.init(num_cpus=4, num_gpus=0, object_store_memory=300 * 1024**2, log_to_driver=False,
+                 configure_logging=False, namespace="memtrain-tests", **local_dashboard_args())
     yield ray
     ray.shutdown()
