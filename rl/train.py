@@ -143,7 +143,10 @@ def train_ppo(cfg: RLTrainConfig) -> dict:
     if latest:  # our own checkpoint (RLlib's format holds pickles: only restore run directories you wrote)
         algo.restore(str(latest))
         log.info("resumed PPO from %s (iteration %d)", latest, algo.iteration)
+    from torch.utils.tensorboard import SummaryWriter
+
     started = time.time()
+    tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
     try:
         while algo.iteration < cfg.iterations:
             t0 = time.perf_counter()
@@ -151,11 +154,15 @@ def train_ppo(cfg: RLTrainConfig) -> dict:
             row = _row(result, time.perf_counter() - t0)
             with (run_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            for key, value in row.items():
+                if key != "iteration":
+                    tensorboard.add_scalar(f"rl/{key}", value, row["iteration"])
             print(f"[memtrain rl] iter {row['iteration']} | return {row.get('episode_return_mean', float('nan')):.3f}"
                   f" | {row.get('env_steps_per_s', 0):.1f} env steps/s | {row['iteration_s']:.1f} s", flush=True)
             if algo.iteration % cfg.checkpoint_every == 0 or algo.iteration >= cfg.iterations:
                 _checkpoint(algo, cfg, run_dir)
     finally:
+        tensorboard.close()
         algo.stop()
     summary = {"env": cfg.env, "iterations": algo.iteration, "policy": str(run_dir / "policy"),
                "checkpoint": str(_latest_checkpoint(run_dir)), "wall_s": round(time.time() - started, 1)}
