@@ -132,6 +132,16 @@ class EpisodicMemory:
                  for score, slot in zip(scores_K.tolist(), slots_K.tolist())]
                 for scores_K, slots_K in zip(top_scores_QK, top_slots_QK)]
 
+    def entries(self, min_importance: float = float("-inf")) -> list[EpisodicEntry]:
+        """Stored entries with importance >= ``min_importance``, oldest first (score is NaN: no query was made).
+
+        Consolidation reads the important ones to move them into the semantic memory.
+        """
+        keep_C = self.filled_C & (self.importance_C >= min_importance)
+        slots = sorted(keep_C.nonzero().flatten().tolist(), key=lambda s: int(self.ids_C[s]))
+        return [EpisodicEntry(int(self.ids_C[s]), float("nan"), self.tokens[s], self.texts[s],
+                              float(self.importance_C[s])) for s in slots]
+
     def remove(self, ids: list[int]) -> int:
         """Remove the entries with these ids (unknown ids are ignored); returns how many were removed."""
         hit_C = torch.isin(self.ids_C, torch.as_tensor(ids, dtype=torch.long)) & self.filled_C

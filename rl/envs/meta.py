@@ -1,0 +1,297 @@
+"""MetaControllerEnv: the HMST inference engine on the fact-recall task, as a gymnasium env for RLlib PPO.
+
+One episode is one engine ``Session``: a few context-placement facts are told first, then ``queries`` questions
+follow (a mix of facts that live only in the semantic memory, in the session's recent context / episodic memory,
+or only in the LM's pretraining data). The context and episodic memory carry over from step to step, so what the
+policy retrieves or skips has consequences later (a told fact scrolls out of the recent lines and is then only
+reachable through episodic retrieval).
+
+- observation (Box, float32): the query embedding through a fixed random projection (``query_dims`` values), the
+  state summary (uncertainty, context fraction, episodic fill, semantic fill, last confidence) and the fraction
+  of the episode done;
+- action (MultiDiscrete ``[2, 2, 2, n_experts + 1, 2]``): early exit, episodic, semantic, expert bias (0 = none),
+  verify;
+- reward: ``correct - cost_weight * flops / reference_flops - calibration_weight * (confidence - correct)^2``,
+  where reference_flops is a full-depth answer to a 64-token prompt plus a critic pass (so "all gates on" costs
+  about 1); ``info["reward_parts"]`` holds the three terms.
+
+The semantic memory is the shared Ray actor ``memory_name`` (attached lazily on the first reset, in whichever
+process runs the env, e.g. an RLlib env runner) or an in-process ``LocalMemory`` with ``memory=local``. The env
+fills it with the world's semantic-placement facts when it is empty.
+
+Example::
+
+    >>> env = MetaControllerEnv({"memory": "local", "queries": 3})
+    >>> obs, info = env.reset(seed=0)
+    >>> obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    >>> sorted(info["reward_parts"]), env.observation_space.contains(obs)
+    (['calibration', 'correct', 'cost'], True)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from models.hmst.critic import Critic, CriticConfig
+from models.hmst.engine import (Decisions, EngineConfig, HMSTEngine, Session, critic_flops, lm_forward_flops)
+from models.hmst.facts import PLACEMENTS, Fact, FactConfig, FactWorld, exact_match
+from models.hmst.meta_controller import STATE_FEATURES
+from orchestration.config import from_dict
+from rl.errors import RLError
+
+PROBE_PROMPT_TOKENS = 64  # prompt length of the reference answer that normalises the cost
+
+
+@dataclass
+class MetaEnvConfig:
+    """The env's settings (``env_config`` keys); unknown keys are refused."""
+
+    checkpoint: str = ""
+    """Pretrained HMST run or checkpoint directory; "" builds a small random hmst-micro with a byte tokenizer (tests)."""
+    critic: str = ""
+    """Directory with critic.json/.safetensors from `memtrain hmst train-critic`; "" uses an untrained small critic."""
+    memory: str = "actor"
+    """Semantic memory: "actor" (the shared Ray actor memory_name) or "local" (an in-process LocalMemory)."""
+    memory_name: str = "meta-env-facts"
+    """Name of the shared memory actor."""
+    namespace: str = "memtrain"
+    """Ray namespace of the memory actor."""
+    memory_path: str = ""
+    """Directory of the actor's data; "" = ~/.cache/memtrain/memory/<memory_name>."""
+    fact_seed: int = 0
+    """Seed of the fact world (use the one the checkpoint's corpus was written with)."""
+    n_entities: int = 120
+    """Entities of the fact world."""
+    queries: int = 6
+    """Questions per episode (env steps)."""
+    told: int = 2
+    """Context-placement facts told at the start of each episode."""
+    question_mix: tuple[float, float, float] = (0.4, 0.35, 0.25)
+    """Probability that a question is about a (semantic, context, pretraining) fact."""
+    cost_weight: float = 0.3
+    """Weight of the normalised FLOPs cost in the reward."""
+    calibration_weight: float = 0.2
+    """Weight of the calibration penalty (confidence - correct)^2."""
+    query_dims: int = 16
+    """Values of the projected query embedding in the observation."""
+    max_new_tokens: int = 4
+    """Longest answer in tokens."""
+    context_turns: int = 2
+    """Recent session lines kept in the prompt."""
+    verify_threshold: float = 0.5
+    """Critic correctness below which the engine falls back (re-answers with retrieval)."""
+    seed: int = 0
+    """Seed of the random model/critic (when not loaded) and of the query projection."""
+
+    def __post_init__(self):
+        if self.memory not in ("actor", "local"):
+            raise RLError(f"env_config.memory must be 'actor' or 'local', got {self.memory!r}")
+        for name in ("queries", "query_dims", "max_new_tokens", "n_entities"):
+            if getattr(self, name) < 1:
+                raise RLError(f"env_config.{name} must be >= 1, got {getattr(self, name)}")
+        if self.told < 0 or self.cost_weight < 0 or self.calibration_weight < 0:
+            raise RLError("env_config.told, cost_weight and calibration_weight must be >= 0")
+        mix = tuple(float(m) for m in self.question_mix)
+        if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
+            raise RLError(f"env_config.question_mix must be 3 non-negative weights of (semantic, context, "
+                          f"pretraining), got {self.question_mix}")
+        self.question_mix = mix
+
+
+def load_env_engine(cfg: MetaEnvConfig, semantic_memory) -> HMSTEngine:
+    """The engine the env runs: the checkpoint's model and tokenizer (or a random micro model), and the critic."""
+    from models.registry import build_model
+    from orchestration.tokenizers import ByteTokenizer
+
+    torch.manual_seed(cfg.seed)
+    if cfg.checkpoint:
+        from models.io import load_model
+        from orchestration.checkpoint import find_checkpoint
+        from orchestration.tokenizers import load_tokenizer
+
+        ckpt = find_checkpoint(cfg.checkpoint)
+        model, tokenizer = load_model(ckpt), load_tokenizer(ckpt)
+    else:
+        model, tokenizer = build_model("hmst-micro", vocab_size=256).eval(), ByteTokenizer()
+    if cfg.critic:
+        from models.hmst.training import load_critic
+
+        critic = load_critic(cfg.critic)
+    else:
+        critic = Critic(CriticConfig(vocab_size=model.cfg.vocab_size, d_model=64, n_layers=1, n_heads=2, d_ff=128,
+                                     max_seq_len=256, dropout=0.0))
+    engine_cfg = EngineConfig(max_new_tokens=cfg.max_new_tokens, context_turns=cfg.context_turns,
+                              verify_threshold=cfg.verify_threshold)
+    return HMSTEngine(model, tokenizer, semantic_memory=semantic_memory, critic=critic, config=engine_cfg)
+
+
+def n_experts_of(cfg: MetaEnvConfig) -> int:
+    if not cfg.checkpoint:
+        return 4  # hmst-micro
+    from models.io import read_model_spec
+    from models.registry import model_config
+    from orchestration.checkpoint import find_checkpoint
+
+    name, fields = read_model_spec(find_checkpoint(cfg.checkpoint))
+    return model_config(name, **fields).n_experts
+
+
+class MetaControllerEnv(gym.Env):
+    """See the module docstring."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, env_config: dict | None = None):
+        try:
+            self.cfg = from_dict(MetaEnvConfig, dict(env_config or {}))
+        except Exception as exc:  # unknown keys or bad values, with the valid keys listed
+            raise RLError(f"bad env_config for the meta env: {exc}") from None
+        cfg = self.cfg
+        self.world = FactWorld(FactConfig(seed=cfg.fact_seed, n_entities=cfg.n_entities))
+        self.n_experts = n_experts_of(cfg)
+        n_obs = cfg.query_dims + len(STATE_FEATURES) + 1
+        low = np.r_[np.full(cfg.query_dims, -5.0), np.zeros(len(STATE_FEATURES) + 1)].astype(np.float32)
+        high = np.r_[np.full(cfg.query_dims, 5.0), np.ones(len(STATE_FEATURES) + 1)].astype(np.float32)
+        self.observation_space = gym.spaces.Box(low, high, shape=(n_obs,), dtype=np.float32)
+        self.action_space = gym.spaces.MultiDiscrete([2, 2, 2, self.n_experts + 1, 2])
+        # built on the first reset, in the process that runs the env (RLlib builds envs in its env runners)
+        self.engine: HMSTEngine | None = None
+        self.session: Session | None = None
+        self._projection_DQ: np.ndarray | None = None
+        self._questions: list[Fact] = []
+        self._step = 0
+        self._obs: np.ndarray | None = None
+
+    # --- lazy set-up ---
+    def _semantic_memory(self, dim: int):
+        from memory_service import LocalMemory, MemoryConfig
+
+        if self.cfg.memory == "local":
+            return LocalMemory(MemoryConfig(dim=dim, fsync=False))
+        import ray
+
+        from memory_service import get_or_create_memory
+
+        if not ray.is_initialized():
+            raise RLError("env_config.memory='actor' needs Ray (it runs inside RLlib, or call ray.init first); "
+                          "use env_config.memory=local for an in-process memory")
+        path = self.cfg.memory_path or os.path.expanduser(f"~/.cache/memtrain/memory/{self.cfg.memory_name}")
+        return get_or_create_memory(self.cfg.memory_name, MemoryConfig(dim=dim, path=path),
+                                    namespace=self.cfg.namespace)
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        engine = load_env_engine(cfg, semantic_memory=None)
+        engine.semantic_memory = self._semantic_memory(engine.embedder.dim)
+        if engine.semantic_count() == 0:
+            facts = self.world.by_placement("semantic")
+            engine.fill_semantic([f.statement() for f in facts],
+                                 [{"source": "facts", "seed": cfg.fact_seed, "entity": f.entity,
+                                   "filled_by_pid": os.getpid()} for f in facts])
+        self.engine = engine
+        rng = np.random.default_rng(cfg.seed)
+        self._projection_DQ = rng.standard_normal((engine.embedder.dim, cfg.query_dims)).astype(np.float32)
+        full = lm_forward_flops(engine.model, engine.model.cfg.n_layers, PROBE_PROMPT_TOKENS, 0) \
+            + cfg.max_new_tokens * lm_forward_flops(engine.model, engine.model.cfg.n_layers, 1, PROBE_PROMPT_TOKENS)
+        self.reference_flops = full + critic_flops(engine.critic, PROBE_PROMPT_TOKENS)
+
+    # --- gymnasium API ---
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if self.engine is None:
+            self._build()
+        rng = random.Random(int(self.np_random.integers(2**31)))
+        cfg = self.cfg
+        self.session = self.engine.session()
+        told = rng.sample(self.world.by_placement("context"), min(cfg.told, len(self.world.by_placement("context"))))
+        for fact in told:
+            self.session.tell(fact.statement())
+        pools = {"semantic": self.world.by_placement("semantic"), "context": told,
+                 "pretraining": self.world.by_placement("pretraining")}
+        weights = [w if pools[p] else 0.0 for p, w in zip(PLACEMENTS, cfg.question_mix)]
+        self._questions = [rng.choice(pools[p]) for p in rng.choices(PLACEMENTS, weights=weights, k=cfg.queries)]
+        self._step = 0
+        self._obs = self._observe()
+        return self._obs, {"placement": self._questions[0].placement}
+
+    def _observe(self) -> np.ndarray:
+        obs = self.session.observe(self._questions[self._step].question())
+        query_Q = np.clip(obs.query_D @ self._projection_DQ, -5.0, 5.0)
+        return np.r_[query_Q, obs.state_F, self._step / self.cfg.queries].astype(np.float32)
+
+    def step(self, action):
+        if self.session is None:
+            raise RLError("call reset() before step()")
+        action = np.asarray(action)
+        if not self.action_space.contains(action.astype(np.int64)):
+            raise RLError(f"action {action.tolist()} is outside {self.action_space} "
+                          f"([early_exit, episodic, semantic, expert 0..{self.n_experts}, verify])")
+        fact = self._questions[self._step]
+        result = self.session.ask(fact.question(), Decisions.from_array(action))
+        correct = float(exact_match(result.response, fact.value))
+        parts = {"correct": correct,
+                 "cost": -self.cfg.cost_weight * result.flops / self.reference_flops,
+                 "calibration": -self.cfg.calibration_weight * (result.confidence - correct) ** 2}
+        self._step += 1
+        terminated = self._step >= self.cfg.queries
+        if not terminated:
+            self._obs = self._observe()
+        info = {"reward_parts": parts, "placement": fact.placement, "response": result.response,
+                "flops": result.flops, "fallback": result.fallback}  # no wall time: info must be deterministic
+        return self._obs, float(sum(parts.values())), terminated, False, info
+
+    def close(self) -> None:
+        memory = self.engine.semantic_memory if self.engine is not None else None
+        if memory is not None and self.cfg.memory == "local":
+            memory.close()
+        self.engine, self.session = None, None
+
+
+# --- fixed baselines (same interface as rl.policy.LearnedPolicy) ------------------------------------------------
+
+class FixedPolicy:
+    """Always the same decisions."""
+
+    def __init__(self, decisions: Decisions):
+        self.action = decisions.to_array()
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, observation) -> np.ndarray:
+        return self.action.copy()
+
+
+class RandomPolicy:
+    """Uniformly random decisions (seeded; ``reset`` does not reseed, so episodes differ)."""
+
+    def __init__(self, n_experts: int, seed: int = 0):
+        self.nvec = np.array([2, 2, 2, n_experts + 1, 2])
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, observation) -> np.ndarray:
+        return self.rng.integers(0, self.nvec)
+
+
+def baseline_policies(env_config: dict | None = None) -> dict:
+    """The fixed baselines `memtrain rl eval meta` compares against: all gates on, all off, retrieval only, random.
+
+    Example::
+
+        >>> sorted(baseline_policies({"memory": "local"}))
+        ['all_off', 'all_on', 'random', 'retrieval_only']
+    """
+    cfg = from_dict(MetaEnvConfig, dict(env_config or {}))
+    return {"all_on": FixedPolicy(Decisions(episodic=True, semantic=True, verify=True)),
+            "all_off": FixedPolicy(Decisions()),
+            "retrieval_only": FixedPolicy(Decisions(episodic=True, semantic=True)),
+            "random": RandomPolicy(n_experts_of(cfg), seed=cfg.seed)}
