@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import tree
 from ray.rllib.callbacks.callbacks import RLlibCallback
 
 
@@ -16,12 +17,11 @@ class EpisodeMetrics(RLlibCallback):
                 totals[key] = totals.get(key, 0.0) + float(value)
         for key, value in totals.items():
             metrics_logger.log_value(f"reward_part/{key}", value, reduce="mean")
+        # one column per scalar of the action (Dict/tuple spaces flattened in dm-tree order: sorted keys)
         actions = episode.get_actions()
-        if isinstance(actions, dict):  # Dict action spaces: one statistic per component
-            items = actions.items()
+        if isinstance(actions, dict):
+            flat = np.concatenate([np.asarray(v, np.float64).reshape(len(v), -1) for v in tree.flatten(actions)], 1)
         else:
-            items = [("action", actions)]
-        for key, values in items:
-            arr = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
-            for i, mean in enumerate(arr.mean(axis=0)):
-                metrics_logger.log_value(f"action_mean/{key}_{i}", float(mean), reduce="mean")
+            flat = np.asarray([np.concatenate([np.ravel(x) for x in tree.flatten(a)]) for a in actions], np.float64)
+        for i, mean in enumerate(flat.mean(axis=0)):
+            metrics_logger.log_value(f"action_mean/action_{i}", float(mean), reduce="mean")

@@ -67,6 +67,12 @@ def _cmd_eval(args) -> int:
 
 
 def register(subparsers) -> None:
+    from orchestration.continual_control import CONTROLLER_RESOLVERS
+    from rl.envs.thermo import learned_controller_resolver
+
+    # `memtrain continual --controller runs/rl-thermo` plays a learned thermo policy
+    if learned_controller_resolver not in CONTROLLER_RESOLVERS:
+        CONTROLLER_RESOLVERS.append(learned_controller_resolver)
     rl = subparsers.add_parser("rl", help="RLlib PPO controllers: train, evaluate against fixed baselines")
     sub = rl.add_subparsers(dest="rl_command", required=True, metavar="COMMAND")
     train = sub.add_parser("train", help="train a controller with PPO (resumes from --output)")

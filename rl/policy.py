@@ -92,6 +92,14 @@ class LearnedPolicy:
         if self.stateful:
             self._state = tree.map_structure(lambda s: torch.as_tensor(s)[None], self.module.get_initial_state())
 
+    def get_state(self) -> dict:
+        """The recurrent state (tensors; empty for a feed-forward policy), e.g. for a run's checkpoint."""
+        return tree.map_structure(lambda s: s.clone(), self._state) if self.stateful else {}
+
+    def set_state(self, state: dict) -> None:
+        if self.stateful:
+            self._state = tree.map_structure(torch.as_tensor, state)
+
     @torch.no_grad()
     def act(self, observation) -> np.ndarray | dict:
         from ray.rllib.core import Columns

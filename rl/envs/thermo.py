@@ -1,0 +1,225 @@
+"""ThermoControllerEnv: the TG-SMN thermodynamic controller's environment, around the continual-learning runner.
+
+One env step trains ``control_interval`` steps of the runner with the knobs the action sets; the observation is
+the training signals of that interval (``orchestration.continual_control.Signals``, squashed with a symmetric
+log so losses, norms and efficiency ratios share one scale); an episode is one task stream.
+
+Rewards (``reward``):
+
+- ``retention``: minus the change of the mean held-out loss over the tasks seen so far (measured on the same
+  tasks before and after the interval, so a new task starting is not a penalty), minus ``compute_penalty`` x
+  k / k_max;
+- ``tiur``: the source's TIUR efficiency per unit compute, eta / (k (1 + replay ratio)).
+
+Example::
+
+    >>> env = ThermoControllerEnv({"continual": {"stream": {"n_tasks": 2}}})      # doctest: +SKIP
+    >>> obs, info = env.reset(seed=0)                                             # doctest: +SKIP
+    >>> obs, reward, terminated, truncated, info = env.step(env.action_space.sample())   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import yaml
+
+from orchestration.config import load_config
+from orchestration.continual import ContinualConfig, ContinualRunner
+from orchestration.continual_control import OBSERVATION_FIELDS, Knobs, Signals
+from rl.errors import RLError
+
+# a stream small enough for RL on a laptop: 3 tasks of 30 steps, 3 env steps per task
+DEFAULT_CONTINUAL: dict[str, Any] = {
+    "model": "tgsmn-sparse-tiny",
+    "model_overrides": {"n_layers": 2},
+    "data": {"source": "builtin", "tokenizer": "bytes", "seq_len": 32, "max_documents": 600},
+    "stream": {"n_tasks": 3},
+    "max_steps_per_task": 30,
+    "control_interval": 10,
+    "batch_size": 8,
+    "eval_windows": 16,
+    "replay_capacity": 512,
+    "threads": 1,
+}
+
+
+@dataclass
+class ThermoEnvConfig:
+    continual: dict[str, Any] = field(default_factory=dict)
+    """ContinualConfig fields (nested dicts) merged over DEFAULT_CONTINUAL: the stream the controller steers."""
+    reward: str = "retention"
+    """retention (held-out loss change minus compute) or tiur (the source's efficiency per unit compute)."""
+    compute_penalty: float = 0.05
+    """Retention reward: weight of the compute cost k / k_max per interval."""
+    replay_max: float = 0.5
+    """Action range of the replay ratio: [0, replay_max]."""
+    noise_max: float = 0.5
+    """Action range of the router noise: [0, noise_max]."""
+    temperature_min: float = 0.7
+    """Action range of the router temperature: [temperature_min, temperature_max]."""
+    temperature_max: float = 1.3
+    """Upper end of the router temperature range."""
+    seed: int = 0
+    """Seed of the first episode's model (later episodes get the seeds reset() passes, or continue counting)."""
+
+    def __post_init__(self):
+        if self.reward not in ("retention", "tiur"):
+            raise RLError(f"reward must be retention or tiur, got {self.reward!r}")
+        if not 0 < self.replay_max < 1 or self.noise_max < 0 or not 0 < self.temperature_min <= self.temperature_max:
+            raise RLError("need 0 < replay_max < 1, noise_max >= 0 and 0 < temperature_min <= temperature_max")
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def env_settings(env_config: dict) -> tuple[ThermoEnvConfig, ContinualConfig]:
+    """The env's own config and the continual run it steers, from an RLlib ``env_config`` dict."""
+    fields = {f.name for f in dataclasses.fields(ThermoEnvConfig)}
+    unknown = sorted(set(env_config) - fields)
+    if unknown:
+        raise RLError(f"unknown thermo env_config key(s) {unknown}; valid: {', '.join(sorted(fields))}")
+    cfg = ThermoEnvConfig(**env_config)
+    continual = load_config(ContinualConfig, **_deep_merge(DEFAULT_CONTINUAL, cfg.continual))
+    return cfg, continual
+
+
+def observation(signals: Signals) -> np.ndarray:
+    """Signals as the policy sees them: symlog-squashed and clipped to the observation box."""
+    x = signals.as_array().astype(np.float64)
+    return np.clip(np.sign(x) * np.log1p(np.abs(x)), -20.0, 20.0).astype(np.float32)
+
+
+def action_space(k_max: int) -> gym.spaces.Dict:
+    return gym.spaces.Dict({"k": gym.spaces.Discrete(k_max),
+                            "knobs": gym.spaces.Box(0.0, 1.0, shape=(3,), dtype=np.float32)})
+
+
+def knobs_from_action(action: dict, cfg: ThermoEnvConfig) -> Knobs:
+    """Map an action (k index; replay, noise, temperature in [0, 1]) to the runner's knobs."""
+    u = np.clip(np.asarray(action["knobs"], dtype=np.float64), 0.0, 1.0)
+    return Knobs(k=int(action["k"]) + 1, replay_ratio=min(float(u[0]) * cfg.replay_max, 0.999),
+                 router_noise=float(u[1]) * cfg.noise_max,
+                 router_temperature=cfg.temperature_min + float(u[2]) * (cfg.temperature_max - cfg.temperature_min))
+
+
+def action_from_knobs(knobs: Knobs, cfg: ThermoEnvConfig) -> dict:
+    """The inverse of ``knobs_from_action`` (fixed baselines act through the same space)."""
+    span = cfg.temperature_max - cfg.temperature_min
+    return {"k": knobs.k - 1, "knobs": np.array([knobs.replay_ratio / cfg.replay_max, knobs.router_noise / cfg.noise_max,
+                                                 (knobs.router_temperature - cfg.temperature_min) / span if span else 0.0],
+                                                dtype=np.float32).clip(0.0, 1.0)}
+
+
+class ThermoControllerEnv(gym.Env):
+    metadata = {"render_modes": []}
+
+    def __init__(self, env_config: dict | None = None):
+        self.cfg, self.continual = env_settings(dict(env_config or {}))
+        self.runner = ContinualRunner(self.continual)  # builds (or reads the cached) task stream once
+        from models.registry import model_config
+
+        model_cfg = model_config(self.continual.model, **self.continual.model_overrides)
+        self.k_max = int(getattr(model_cfg, "max_k", 1))
+        self.observation_space = gym.spaces.Box(-20.0, 20.0, shape=(len(OBSERVATION_FIELDS),), dtype=np.float32)
+        self.action_space = action_space(self.k_max)
+        self._episode_seed = self.cfg.seed
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._episode_seed = seed
+        signals = self.runner.reset(self._episode_seed)
+        self._episode_seed += 1
+        self._seen = (1, self.runner.evaluate_tasks("validation", [0])[0])  # (tasks seen, their mean loss)
+        return observation(signals), {"task": 0}
+
+    def _seen_loss(self, n_tasks: int) -> float:
+        return float(np.mean(self.runner.evaluate_tasks("validation", list(range(n_tasks)))))
+
+    def step(self, action):
+        knobs = knobs_from_action(action, self.cfg)
+        n_seen = min(self.runner.state.task + 1, len(self.runner.tasks))
+        before = self._seen[1] if self._seen[0] == n_seen else self._seen_loss(n_seen)
+        result = self.runner.run_interval(knobs)
+        compute = knobs.k / self.k_max
+        if self.cfg.reward == "retention":
+            after = self._seen_loss(n_seen)
+            parts = {"retention": before - after, "compute": -self.cfg.compute_penalty * compute}
+            next_seen = min(self.runner.state.task + 1, len(self.runner.tasks))
+            self._seen = (n_seen, after) if next_seen == n_seen else (next_seen, self._seen_loss(next_seen))
+        else:
+            parts = {"tiur": result.signals.tiur_efficiency / (knobs.k * (1.0 + knobs.replay_ratio))}
+        info = {"reward_parts": parts, "task": result.signals.task, "finished_task": result.finished_task,
+                "k": knobs.k, "replay_ratio": knobs.replay_ratio, "flops": result.flops}
+        return observation(result.signals), float(sum(parts.values())), result.done, False, info
+
+
+class FixedKnobsPolicy:
+    """A baseline that always sets the same knobs (through the env's action space)."""
+
+    def __init__(self, knobs: Knobs, cfg: ThermoEnvConfig):
+        self.knobs = knobs
+        self.action = action_from_knobs(knobs, cfg)
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, observation) -> dict:
+        return self.action
+
+
+def baseline_policies(env_config: dict) -> dict[str, FixedKnobsPolicy]:
+    """A grid of fixed knob settings, the source's default (k 2, replay 0.10, noise 0.30, temperature 1.0) first."""
+    cfg, continual = env_settings(dict(env_config))
+    from models.registry import model_config
+
+    k_max = int(getattr(model_config(continual.model, **continual.model_overrides), "max_k", 1))
+    grid = {"source-default": Knobs(min(2, k_max), 0.10, 0.30, 1.0)}
+    for k in range(1, k_max + 1):
+        for replay in (0.0, 0.3):
+            grid[f"k{k}-replay{replay:.1f}"] = Knobs(k, replay, 0.30, 1.0)
+    return {name: FixedKnobsPolicy(knobs, cfg) for name, knobs in grid.items()}
+
+
+class LearnedThermoController:
+    """A trained thermo policy as a continual-learning ``Controller`` (same interface as the fixed ones)."""
+
+    def __init__(self, policy, cfg: ThermoEnvConfig):
+        self.policy, self.cfg = policy, cfg
+
+    def act(self, signals: Signals) -> Knobs:
+        return knobs_from_action(self.policy.act(observation(signals)), self.cfg)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"recurrent_state": self.policy.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.set_state(state["recurrent_state"])
+
+
+def learned_controller_resolver(spec: str) -> LearnedThermoController | None:
+    """``--controller PATH`` of a ``memtrain rl train thermo`` run (or its policy/ directory); else None."""
+    from rl.policy import LearnedPolicy
+
+    path = Path(spec).expanduser()
+    policy_dir = path / "policy" if (path / "policy" / "policy.json").is_file() else path
+    if not (policy_dir / "policy.json").is_file():
+        return None
+    policy = LearnedPolicy.load(policy_dir)
+    if policy.env_name != "thermo":
+        raise RLError(f"{policy_dir} holds a policy for env {policy.env_name!r}; the continual runner needs a thermo one")
+    run_config = policy_dir.parent / "config.yaml"
+    env_config = (yaml.safe_load(run_config.read_text()) or {}).get("env_config", {}) if run_config.is_file() else {}
+    env_config = {k: v for k, v in env_config.items() if k != "continual"}
+    return LearnedThermoController(policy, ThermoEnvConfig(**env_config))
