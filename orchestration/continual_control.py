@@ -79,7 +79,7 @@ class Signals:
     replay_loss: float = 0.0
     """Mean cross-entropy of the replayed rows (0 when none were replayed): a cheap forgetting signal."""
     task_progress: float = 0.0
-    """Fraction of the current task's steps done (0 right after a task switch)."""
+    """Fraction of the task's steps done at the end of the interval (1.0 when the interval finished the task)."""
     k: float = 2.0
     """k in effect during the interval."""
     replay_ratio: float = 0.0
