@@ -7,11 +7,9 @@ with the cached keys and one cosine per slot for the novelty test, both tiny nex
 contents are stored transposed (slot index last) because a row-vector-times-matrix product is ~8x faster on
 CPU than the matrix-times-column-vector one.
 
-Why training is fast. The bank is updated in place and never enters autograd as a whole (no J-sized tensor is
-materialised per step). Gradients still reach the writer: every write is logged (``WriteLog``), and a read of a
-row written earlier in the same BPTT window is a ``_LoggedGather`` whose backward adds the row's gradient to that
-write's log entry; ``_LogWrite`` hands the accumulated gradient to the write's own graph. A chain of 0-dim
-"tokens" orders the two in autograd, so every read's backward runs before the backward of the writes it saw.
+Why training is fast. The read and the write run outside autograd: the bank is updated in place and no
+J-sized tensor is materialised per step. ``recurrence.py`` makes a whole BPTT window one autograd node whose
+backward walks the window in reverse and routes each read row's gradient to the write that produced it.
 """
 
 from __future__ import annotations
@@ -97,69 +95,13 @@ class THLState:
             self.scale = 1.0
 
 
-class WriteLog:
-    """Per BPTT window: which write (log position) last set each slot, and gradient buffers for those writes.
-
-    The buffers mirror the bank tensors with the slot axis replaced by the log position.
-    """
-
-    def __init__(self, state: THLState, window: int):
-        B, H, D, J = state.keys_BHDJ.shape
-        self.src_BJ = torch.full((B, J), -1, dtype=torch.long, device=state.mem_BMJ.device)
-        self.grad_mem_BML = state.mem_BMJ.new_zeros(B, state.mem_BMJ.size(1), window)
-        self.grad_keys_BHDL = state.keys_BHDJ.new_zeros(B, H, D, window)
-        self.grad_values_BHLV = state.values_BHJV.new_zeros(B, H, window, state.values_BHJV.size(-1))
-        self.token = state.mem_BMJ.new_zeros(())  # the autograd ordering chain; requires grad after the 1st write
-
-    def gather(self, bank: torch.Tensor, dim: int, index: torch.Tensor, grad_log: torch.Tensor) -> torch.Tensor:
-        """``bank.gather(dim, index)`` (index holds slot ids); the rows' gradients go to the writes that set them."""
-        src = self.src_BJ.gather(1, index.reshape(index.size(0), -1)).view_as(index)
-        return _LoggedGather.apply(self.token, bank, dim, index, src, grad_log)
-
-    def record(self, slot_B: torch.Tensor, step: int, mem_BM: torch.Tensor, keys_BHD: torch.Tensor,
-               values_BHV: torch.Tensor) -> None:
-        self.src_BJ.scatter_(1, slot_B[:, None], step)
-        self.token = _LogWrite.apply(self.token, mem_BM, keys_BHD, values_BHV, step, self)
-
-
-class _LoggedGather(torch.autograd.Function):
-    """Gather rows of an in-place-updated bank; backward adds their gradient to the log entries that wrote them."""
-
-    @staticmethod
-    def forward(ctx, token, bank, dim, index, src, grad_log):
-        ctx.dim, ctx.src, ctx.grad_log = dim, src, grad_log
-        return bank.gather(dim, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # rows that were in the bank when the window started are constants: their gradient is dropped
-        valid = (ctx.src >= 0).to(grad.dtype)
-        ctx.grad_log.scatter_add_(ctx.dim, ctx.src.clamp(min=0), grad * valid)
-        return None, None, None, None, None, None
-
-
-class _LogWrite(torch.autograd.Function):
-    """Link from a write to the token chain; backward returns the gradient the write's readers left in the log."""
-
-    @staticmethod
-    def forward(ctx, token, mem_BM, keys_BHD, values_BHV, step, log):
-        ctx.step, ctx.log = step, log
-        return token.detach().clone()
-
-    @staticmethod
-    def backward(ctx, grad_token):
-        # every reader of this write consumed a later token, so autograd has already run their backward
-        log, i = ctx.log, ctx.step
-        return (grad_token, log.grad_mem_BML[:, :, i].clone(), log.grad_keys_BHDL[..., i].clone(),
-                log.grad_values_BHLV[:, :, i].clone(), None, None)
-
-
 class MemoryRouter(nn.Module):
     """Sparse multi-head read: each head scores all slots against cached keys and reads its top-kappa values.
 
     Training adds Gumbel noise (scale ``router_noise``) before the top-k, so exploration picks other slots;
-    the weights are a tempered softmax over the selected (noisy) scores. ``straight_through`` adds the dense
-    softmax's gradient for all J slots on top (forward unchanged).
+    the weights are a tempered softmax over the selected (noisy) scores. Gradients reach the query and the
+    selected rows' keys and values; ``straight_through`` adds the dense softmax's gradient for all J slots to
+    the query (forward unchanged). The backward pass is in ``recurrence.py``.
     """
 
     def __init__(self, cfg: THLConfig):
@@ -174,45 +116,33 @@ class MemoryRouter(nn.Module):
         self.slot_kv = nn.Linear(cfg.memory_dim, H * (dh + cfg.value_dim // H), bias=False)
         self.score_scale = 1.0 / math.sqrt(dh)
 
-    def read(self, q_BHD: torch.Tensor, state: THLState, log: WriteLog | None,
-             noise_BHJ: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns the read vector r (B, value_dim), the weights alpha (B, H, kappa) and slot indices (B, H, kappa)."""
+    @torch.no_grad()
+    def read(self, q_BHD: torch.Tensor, state: THLState, noise_BHJ: torch.Tensor | None,
+             keep_dense: bool) -> tuple[torch.Tensor, dict]:
+        """Returns the read vector r (B, value_dim) and what the backward pass needs: the weights alpha
+        (B, H, kappa), slot indices, the selected keys (B, H, D, kappa) and values (B, H, kappa, V), and with
+        ``keep_dense`` the dense softmax over all slots (for the straight-through gradient)."""
         cfg = self.cfg
         B, H, D = q_BHD.shape
-        K, V, scale = cfg.read_topk, state.values_BHJV.size(-1), state.scale * self.score_scale
-        with torch.no_grad():  # the O(J) part: never in autograd
-            scores_BHJ = torch.matmul(q_BHD.detach().unsqueeze(2), state.keys_BHDJ).squeeze(2)
-            scores_BHJ = scores_BHJ.mul_(scale).sub_(cfg.load_penalty * state.load_BJ.unsqueeze(1))
-            if noise_BHJ is not None:
-                scores_BHJ += noise_BHJ
-            top_BHK, idx_BHK = scores_BHJ.topk(K, dim=-1)
-        key_index_BHDK = idx_BHK.unsqueeze(2).expand(B, H, D, K)
-        value_index_BHKV = idx_BHK.unsqueeze(3).expand(B, H, K, V)
-        if log is None:
-            values_BHKV = state.values_BHJV.gather(2, value_index_BHKV)
-            logits_BHK = top_BHK
-        else:  # recompute the selected scores with a gradient (same values) and route it to logged writes
-            keys_BHDK = log.gather(state.keys_BHDJ, 3, key_index_BHDK, log.grad_keys_BHDL)
-            values_BHKV = log.gather(state.values_BHJV, 2, value_index_BHKV, log.grad_values_BHLV)
-            dot_BHK = (keys_BHDK * q_BHD.unsqueeze(3)).sum(2) * scale
-            logits_BHK = dot_BHK + (top_BHK - dot_BHK.detach())
-        alpha_BHK = torch.softmax(logits_BHK / cfg.router_temperature, dim=-1)
-        r_BHV = (alpha_BHK.unsqueeze(3) * values_BHKV).sum(2)  # kappa rows: elementwise beats a batched matvec
-        if log is not None and cfg.straight_through:
-            r_BHV = r_BHV + self._straight_through(q_BHD, scores_BHJ, state)
-        with torch.no_grad():
-            rho = cfg.read_ema_decay
-            state.load_BJ.mul_(rho).scatter_add_(1, idx_BHK.view(B, H * K),
-                                                 alpha_BHK.detach().view(B, H * K) * ((1 - rho) * cfg.memory_slots / H))
-        return r_BHV.flatten(1) * state.scale, alpha_BHK, idx_BHK
-
-    def _straight_through(self, q_BHD, scores_BHJ, state):
-        """Zero in the forward pass; its backward is the dense softmax's gradient over every slot (O(J))."""
-        keys_BHDJ, values_BHJV = state.keys_BHDJ.clone(), state.values_BHJV.clone()
-        dense_BHJ = torch.matmul(q_BHD.unsqueeze(2), keys_BHDJ).squeeze(2) * (state.scale * self.score_scale)
-        dense_BHJ = dense_BHJ + (scores_BHJ - dense_BHJ.detach())  # same values as the sparse scores
-        soft_BHJ = torch.softmax(dense_BHJ / self.cfg.router_temperature, dim=-1)
-        return torch.matmul((soft_BHJ - soft_BHJ.detach()).unsqueeze(2), values_BHJV).squeeze(2)
+        J, K, V = cfg.memory_slots, cfg.read_topk, state.values_BHJV.size(-1)
+        # noise and load penalty first, then one fused q . keys GEMM on top (the O(J) part)
+        load_BHJ = state.load_BJ.unsqueeze(1).expand(B, H, J)
+        bias_BHJ = load_BHJ * -cfg.load_penalty if noise_BHJ is None else noise_BHJ - cfg.load_penalty * load_BHJ
+        scores_BHJ = torch.baddbmm(bias_BHJ.view(B * H, 1, J), q_BHD.view(B * H, 1, D),
+                                   state.keys_BHDJ.view(B * H, D, J),
+                                   alpha=state.scale * self.score_scale).view(B, H, J)
+        top_BHK, idx_BHK = scores_BHJ.topk(K, dim=-1)
+        keys_BHDK = state.keys_BHDJ.gather(3, idx_BHK.unsqueeze(2).expand(B, H, D, K))
+        values_BHKV = state.values_BHJV.gather(2, idx_BHK.unsqueeze(3).expand(B, H, K, V))
+        alpha_BHK = torch.softmax(top_BHK / cfg.router_temperature, dim=-1)
+        r_BX = (alpha_BHK.unsqueeze(3) * values_BHKV).sum(2).view(B, -1) * state.scale  # kappa rows: elementwise
+        rho = cfg.read_ema_decay
+        state.load_BJ.mul_(rho).scatter_add_(1, idx_BHK.view(B, H * K),
+                                             alpha_BHK.view(B, H * K) * ((1 - rho) * J / H))
+        saved = dict(alpha=alpha_BHK, idx=idx_BHK, keys=keys_BHDK, values=values_BHKV)
+        if keep_dense:
+            saved["dense"] = torch.softmax(scores_BHJ / cfg.router_temperature, dim=-1)
+        return r_BX, saved
 
 
 class MemoryWriter(nn.Module):
@@ -222,6 +152,8 @@ class MemoryWriter(nn.Module):
     - n <= theta (g <= 0.5): the content is already stored; the write is suppressed (nothing changes).
     - best cosine >= blend_threshold: blend into that most similar slot, m <- m + eta g (w - m).
     - otherwise replace the slot with the best staleness / under-use score (empty slots first): m <- g w.
+    Gradients reach w (through the target and through the gate's cosine with the best slot) and the old
+    contents of the written and of the best slot; the slot choice is a hard decision. Backward: ``recurrence.py``.
     """
 
     def __init__(self, cfg: THLConfig):
@@ -231,50 +163,56 @@ class MemoryWriter(nn.Module):
         self.proj_fast = nn.Linear(cfg.tier_dims[0], cfg.memory_dim, bias=False)
         self.proj_slow = nn.Linear(cfg.tier_dims[-1], cfg.memory_dim)
 
+    @torch.no_grad()
     def write(self, s_fast_BD: torch.Tensor, slow_BM: torch.Tensor, state: THLState, router: MemoryRouter,
-              log: WriteLog | None, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Writes into ``state`` in place; ``slow_BM`` = proj_slow(slowest tier). Returns (written?, blended?,
-        gate), each of shape (B,)."""
+              keep: bool, keep_old_kv: bool = False) -> dict:
+        """Writes into ``state`` in place; ``slow_BM`` = proj_slow(slowest tier). Returns the decisions
+        (written?, blended?, gate, slot; each (B,)) and, with ``keep``, what the backward pass needs
+        (``keep_old_kv``: also the written slot's key and value rows before the write)."""
         cfg = self.cfg
-        w_BM = torch.addmm(slow_BM, s_fast_BD, self.proj_fast.weight.t())
-        w_BM = w_BM * (cfg.write_clip / (w_BM.norm(dim=-1, keepdim=True) + 1e-6)).clamp(max=1.0)
+        u_BM = torch.addmm(slow_BM, s_fast_BD, self.proj_fast.weight.t())
+        u_norm_B1 = u_BM.norm(dim=-1, keepdim=True)
+        clip_B1 = (cfg.write_clip / (u_norm_B1 + 1e-6)).clamp_(max=1.0)
+        w_BM = u_BM * clip_B1
         B, M = w_BM.shape
         H, D = cfg.read_heads, cfg.head_dim
-        with torch.no_grad():  # O(J) decisions, outside autograd
-            w_norm_B1 = w_BM.norm(dim=-1, keepdim=True)
-            dots_BJ = torch.matmul(w_BM.detach().unsqueeze(1), state.mem_BMJ).squeeze(1)
-            cos_BJ = dots_BJ / (state.mem_norm_BJ * w_norm_B1 + 1e-8)  # an empty slot has cosine 0
-            best_cos_B, best_B = cos_BJ.max(dim=-1)
-            staleness_BJ = (state.pos - state.last_write_BJ).to(w_BM.dtype).log1p_()
-            stale_B = (cfg.stale_weight * staleness_BJ - cfg.underuse_weight * state.load_BJ).argmax(dim=-1)
-            write_B = best_cos_B < 1.0 - cfg.novelty_theta
-            blend_B = best_cos_B >= cfg.blend_threshold
-            slot_B = torch.where(blend_B, best_B, stale_B)
-            slot_index_BM1 = slot_B.view(B, 1, 1).expand(B, M, 1)
-        if log is None:
-            cos_B = best_cos_B
-            old_BM = state.mem_BMJ.gather(2, slot_index_BM1).squeeze(2)
-        else:  # the same values, with gradients reaching w and (through the log) the writes of both rows
-            best_BM = log.gather(state.mem_BMJ, 2, best_B.view(B, 1, 1).expand(B, M, 1), log.grad_mem_BML).squeeze(2)
-            cos_t_B = (w_BM * best_BM).sum(-1) / (w_BM.norm(dim=-1) * best_BM.norm(dim=-1) + 1e-8)
-            cos_B = cos_t_B + (best_cos_B - cos_t_B.detach())
-            old_BM = log.gather(state.mem_BMJ, 2, slot_index_BM1, log.grad_mem_BML).squeeze(2)
-        gate_B = torch.sigmoid(cfg.novelty_beta * (1.0 - cos_B - cfg.novelty_theta))
+        # the O(J) decisions: novelty against every slot, and the replace candidate
+        dots_BJ = torch.matmul(w_BM.unsqueeze(1), state.mem_BMJ).squeeze(1)
+        cos_BJ = dots_BJ / (state.mem_norm_BJ * w_BM.norm(dim=-1, keepdim=True) + 1e-8)  # empty slot: cosine 0
+        best_cos_B, best_B = cos_BJ.max(dim=-1)
+        staleness_BJ = (state.pos - state.last_write_BJ).to(w_BM.dtype).log1p_()
+        stale_B = staleness_BJ.mul_(cfg.stale_weight).sub_(state.load_BJ, alpha=cfg.underuse_weight).argmax(dim=-1)
+        write_B = best_cos_B < 1.0 - cfg.novelty_theta
+        blend_B = best_cos_B >= cfg.blend_threshold
+        slot_B = torch.where(blend_B, best_B, stale_B)
+        slot_index_BM1 = slot_B.view(B, 1, 1).expand(B, M, 1)
+        old_BM = state.mem_BMJ.gather(2, slot_index_BM1).squeeze(2)
+        gate_B = torch.sigmoid((1.0 - cfg.novelty_theta - best_cos_B) * cfg.novelty_beta)
         coef_B = torch.where(write_B, torch.where(blend_B, cfg.write_rate * gate_B, 1.0), 0.0)
-        target_BM = torch.where(blend_B[:, None], w_BM, gate_B[:, None] * w_BM) / state.scale
-        new_BM = old_BM + coef_B[:, None] * (target_BM - old_BM)
-        keys_BHD, values_BHV = router.slot_kv(new_BM).view(B, H, -1).split([D, cfg.value_dim // H], dim=-1)
-        with torch.no_grad():  # update only the touched row of every cache
-            state.mem_BMJ.scatter_(2, slot_index_BM1, new_BM.detach().unsqueeze(2))
-            state.keys_BHDJ.scatter_(3, slot_B.view(B, 1, 1, 1).expand(B, H, D, 1), keys_BHD.detach().unsqueeze(3))
-            state.values_BHJV.scatter_(2, slot_B.view(B, 1, 1, 1).expand(B, H, 1, values_BHV.size(-1)),
-                                       values_BHV.detach().unsqueeze(2))
-            state.mem_norm_BJ.scatter_(1, slot_B[:, None], new_BM.detach().norm(dim=-1, keepdim=True))
-            last_B1 = state.last_write_BJ.gather(1, slot_B[:, None])
-            state.last_write_BJ.scatter_(1, slot_B[:, None], torch.where(write_B[:, None], state.pos, last_B1))
-        if log is not None:
-            log.record(slot_B, step, new_BM, keys_BHD, values_BHV)
-        return write_B, blend_B, gate_B.detach()
+        target_scale_B = torch.where(blend_B, 1.0, gate_B) / state.scale  # rows are stored in units of scale
+        target_BM = w_BM * target_scale_B[:, None]
+        new_BM = torch.lerp(old_BM, target_BM, coef_B[:, None])
+        kv_BHE = torch.mm(new_BM, router.slot_kv.weight.t()).view(B, H, -1)
+        saved = dict(written=write_B, blended=blend_B, gate=gate_B, slot=slot_B)
+        if keep:
+            saved.update(u=u_BM, u_norm=u_norm_B1, clip=clip_B1, w=w_BM, old=old_BM, target=target_BM, new=new_BM,
+                         coef=coef_B, target_scale=target_scale_B, best=best_B,
+                         best_row=state.mem_BMJ.gather(2, best_B.view(B, 1, 1).expand(B, M, 1)).squeeze(2))
+        key_index_BHD1 = slot_B.view(B, 1, 1, 1).expand(B, H, D, 1)
+        value_index_BH1V = slot_B.view(B, 1, 1, 1).expand(B, H, 1, kv_BHE.size(-1) - D)
+        if keep_old_kv:
+            saved.update(old_keys=state.keys_BHDJ.gather(3, key_index_BHD1),
+                         old_values=state.values_BHJV.gather(2, value_index_BH1V))
+        # update only the touched row of every cache (an unwritten row gets its own value back)
+        slot_B1 = slot_B[:, None]
+        state.mem_BMJ.scatter_(2, slot_index_BM1, new_BM.unsqueeze(2))
+        state.keys_BHDJ.scatter_(3, key_index_BHD1, kv_BHE[..., :D].unsqueeze(3))
+        state.values_BHJV.scatter_(2, value_index_BH1V, kv_BHE[..., D:].unsqueeze(2))
+        state.mem_norm_BJ.scatter_(1, slot_B1, new_BM.norm(dim=-1, keepdim=True))
+        # positions only grow, so "max" keeps the old last-write time exactly when nothing was written
+        state.last_write_BJ.scatter_reduce_(1, slot_B1, torch.where(write_B, state.pos, NEVER_WRITTEN)[:, None],
+                                            "amax")
+        return saved
 
 
 def gumbel_noise(shape, scale: float, device, dtype) -> torch.Tensor:

@@ -35,7 +35,8 @@ from torch import nn
 from models.common.errors import ModelError
 from models.common.output import LMOutput
 from models.thl.config import PRESETS, THLConfig
-from models.thl.memory import MemoryRouter, MemoryWriter, THLState, WriteLog, gumbel_noise, load_balance_loss
+from models.thl.memory import MemoryRouter, MemoryWriter, THLState, gumbel_noise, load_balance_loss
+from models.thl.recurrence import run_window
 
 CONFIG_CLASS = THLConfig
 __all__ = ["PRESETS", "CONFIG_CLASS", "build", "THLConfig", "THLModel", "THLForSequenceClassification", "THLState"]
@@ -75,19 +76,13 @@ class LocalAttention(nn.Module):
 
 
 class TierCell(nn.Module):
-    """A GRU cell whose input-side pre-activation is computed by the caller (so parts of it can be batched)."""
+    """A GRU tier's weights: input side (its pre-activation may be partly computed by the caller, so parts of it
+    can be batched) and hidden side. The step itself is ``torch.gru_cell`` in ``recurrence.py``."""
 
     def __init__(self, d_in: int, d: int, input_bias: bool):
         super().__init__()
         self.inp = nn.Linear(d_in, 3 * d, bias=input_bias)
         self.hh = nn.Linear(d, 3 * d)
-
-    def forward(self, pre_B3D: torch.Tensor, h_BD: torch.Tensor) -> torch.Tensor:
-        d = h_BD.size(-1)
-        gh_B3D = self.hh(h_BD)
-        r_BD, z_BD = torch.sigmoid(pre_B3D[:, :2 * d] + gh_B3D[:, :2 * d]).chunk(2, dim=-1)
-        n_BD = torch.tanh(pre_B3D[:, 2 * d:] + r_BD * gh_B3D[:, 2 * d:])
-        return n_BD + z_BD * (h_BD - n_BD)
 
 
 class THLCore(nn.Module):
@@ -118,51 +113,15 @@ class THLCore(nn.Module):
         returns per-token tier features and routing records."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
-        K, HD, H = len(cfg.tier_dims), cfg.read_heads * cfg.head_dim, cfg.read_heads
+        HD = cfg.read_heads * cfg.head_dim
         pre_TBX = self.in_proj(x_BTD).transpose(0, 1)
         q_in_TBX, gates0_TBX = pre_TBX[..., :HD].contiguous(), pre_TBX[..., HD:].contiguous()
         noise_TBHJ = None
         if self.training and cfg.router_noise > 0:
-            noise_TBHJ = gumbel_noise((T, B, H, cfg.memory_slots), cfg.router_noise, x_BTD.device, x_BTD.dtype)
-        log = WriteLog(state, T) if torch.is_grad_enabled() else None
-        router, writer, tiers = self.router, self.writer, self.tiers
-        w_query, w_read0 = router.query_fast.weight.t(), tiers[0].inp.weight.t()
-        top = state.tiers[-1]
-        q_slow, w_slow = router.query_slow(top), writer.proj_slow(top)
-        topdown = self.topdown(state.tiers[1]) if K > 1 else None
-        feats = [[] for _ in range(K)]
-        alphas, idxs, writes, blends, gates = [], [], [], [], []
-        for t in range(T):
-            s = state.tiers
-            q_BHD = (torch.addmm(q_in_TBX[t], s[0], w_query) + q_slow).view(B, H, -1)
-            r_BV, alpha_BHK, idx_BHK = router.read(q_BHD, state, log, None if noise_TBHJ is None else noise_TBHJ[t])
-            pre0 = gates0_TBX[t] if topdown is None else gates0_TBX[t] + topdown
-            new = [tiers[0](torch.addmm(pre0, r_BV, w_read0), s[0])]
-            for k in range(1, K):
-                if state.pos % cfg.tier_timescales[k]:
-                    new.append(s[k])  # not this tier's tick: hold
-                    continue
-                x = torch.cat([new[k - 1], r_BV, s[k + 1]] if k + 1 < K else [new[k - 1], r_BV], dim=-1)
-                new.append(tiers[k](tiers[k].inp(x), s[k]))
-                if k == 1:
-                    topdown = self.topdown(new[1])
-            if new[-1] is not s[-1]:  # the slowest tier ticked
-                q_slow, w_slow = router.query_slow(new[-1]), writer.proj_slow(new[-1])
-            state.tiers = new
-            state.scale *= cfg.memory_decay  # decay every slot: one float
-            written_B, blended_B, gate_B = writer.write(new[0], w_slow, state, router, log, t)
-            state.pos += 1
-            for k in range(K):
-                feats[k].append(new[k])
-            alphas.append(alpha_BHK)
-            idxs.append(idx_BHK)
-            writes.append(written_B)
-            blends.append(blended_B)
-            gates.append(gate_B)
-        return dict(feats_BTS=torch.cat([torch.stack(f, dim=1) for f in feats], dim=-1),
-                    alpha_BTHK=torch.stack(alphas, dim=1), idx_BTHK=torch.stack(idxs, dim=1),
-                    written_BT=torch.stack(writes, dim=1), blended_BT=torch.stack(blends, dim=1),
-                    gate_BT=torch.stack(gates, dim=1))
+            noise_TBHJ = gumbel_noise((T, B, cfg.read_heads, cfg.memory_slots), cfg.router_noise, x_BTD.device,
+                                      x_BTD.dtype)
+        rec = run_window(self, q_in_TBX, gates0_TBX, noise_TBHJ, state)
+        return {key.replace("_TB", "_BT"): value.transpose(0, 1) for key, value in rec.items()}
 
 
 class LMHead(nn.Module):
