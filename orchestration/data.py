@@ -183,6 +183,10 @@ def read_local_file(path: Path, text_column: str) -> list[str]:
     raise DataError(f"unsupported file type {path.suffix!r} for {path}; use one of {', '.join(LOCAL_SUFFIXES)}")
 
 
+def _has_split_tag(path: Path) -> bool:
+    return any(tag in path.stem.lower() for tag in ("train", "valid", "dev", "val", "test"))
+
+
 def _split_of(path: Path) -> str:
     name = path.stem.lower()
     if "test" in name:
@@ -198,8 +202,10 @@ def load_local(path: Path, text_column: str) -> Corpus:
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
     if not files:
         raise DataError(f"folder {str(path)!r} holds no {', '.join(LOCAL_SUFFIXES)} files")
+    tagged = [f for f in files if _has_split_tag(f)]
     corpus = Corpus(str(path), {})
-    for f in files:
+    # a folder with train/valid/test files: other files in it (a README, AG News' classes.txt) are not corpus
+    for f in tagged or files:
         corpus.splits.setdefault(_split_of(f), []).extend(read_local_file(f, text_column))
     return corpus
 
