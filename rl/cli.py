@@ -66,6 +66,21 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    from orchestration.config import load_config
+    from rl.tune import PPOTuneConfig, tune_ppo
+
+    flags: dict = {"base": {"env": args.env}}
+    if args.iterations is not None:
+        flags["iterations"] = args.iterations
+    if args.output is not None:
+        flags["output"] = args.output
+    rows = tune_ppo(load_config(PPOTuneConfig, args.config, args.overrides, **flags))
+    print(f"[memtrain rl] best of {len(rows)} trials: lr {rows[0]['lr']}, entropy_coeff {rows[0]['entropy_coeff']}, "
+          f"train_batch_size {rows[0]['train_batch_size']}: return {rows[0]['return_mean']}")
+    return 0
+
+
 def register(subparsers) -> None:
     from orchestration.continual_control import CONTROLLER_RESOLVERS
     from rl.envs.thermo import learned_controller_resolver
@@ -83,6 +98,14 @@ def register(subparsers) -> None:
     train.add_argument("--config", help="YAML config (see configs/rl/)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. ppo.lr=1e-4 env_config.tasks=3")
     train.set_defaults(func=_cmd_train)
+    tn = sub.add_parser("tune", help="sweep PPO hyperparameters (lr, entropy, batch) with Ray Tune")
+    tn.add_argument("env", help="meta, thermo, or a gymnasium id")
+    tn.add_argument("--iterations", type=int, help="PPO iterations per trial")
+    tn.add_argument("--output")
+    tn.add_argument("--config", help="YAML config (fields of rl.tune.PPOTuneConfig)")
+    tn.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="e.g. lr=[1e-4,1e-3] entropy_coeff=[0,0.01] base.env_config.reward=tiur")
+    tn.set_defaults(func=_cmd_tune)
     ev = sub.add_parser("eval", help="a learned policy against fixed baselines, 95%% intervals over seeds")
     ev.add_argument("env")
     ev.add_argument("--policy", required=True, help="run directory of `memtrain rl train` (or its policy/)")

@@ -58,3 +58,15 @@ def test_mean_ci95():
     mean, half = mean_ci95([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.3027 / np.sqrt(3), rel=1e-3)
     assert mean_ci95([5.0]) == (5.0, 0.0)
+
+
+def test_ppo_hyperparameter_sweep_ranks_trials(ray_session, tmp_path):
+    from rl.tune import PPOTuneConfig, tune_ppo
+
+    cfg = load_config(PPOTuneConfig, overrides=[
+        "base.env=CartPole-v1", *[f"base.{o}" for o in TINY], "iterations=1", "lr=[1e-3,1e-4]",
+        "entropy_coeff=[0.0]", f"output={tmp_path}"])
+    rows = tune_ppo(cfg)
+    assert len(rows) == 2 and {r["lr"] for r in rows} == {1e-3, 1e-4} and all(r["error"] is None for r in rows)
+    assert rows[0]["return_mean"] >= rows[1]["return_mean"]
+    assert (tmp_path / "results.md").is_file() and "lr" in (tmp_path / "best.yaml").read_text()

@@ -1,0 +1,105 @@
+"""``memtrain rl tune``: PPO hyperparameters (learning rate, entropy coefficient, train batch size) swept with
+Ray Tune over RLlib's PPO algorithm class, every trial a full PPO run on the env.
+
+Example::
+
+    memtrain rl tune thermo --iterations 5 lr=[1e-4,3e-4,1e-3] entropy_coeff=[0.0,0.01]
+
+The output directory holds Tune's experiment (``tune/``, one trial directory with RLlib checkpoints each),
+``results.csv`` and ``results.md`` (trials ranked by mean episode return) and ``best.yaml`` (the winning
+hyperparameters as ``memtrain rl train`` overrides). Re-running the same command restores an interrupted sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestration.config import to_yaml
+from orchestration.errors import ConfigError
+from orchestration.report import markdown_table
+from rl.train import RLTrainConfig, build_ppo_config
+
+log = logging.getLogger(__name__)
+
+METRIC = "env_runners/episode_return_mean"
+
+
+@dataclass
+class PPOTuneConfig:
+    base: RLTrainConfig = field(default_factory=RLTrainConfig)
+    """The PPO run every trial starts from (env, env_config, model, other PPO settings)."""
+    output: str = "runs/rl-tune"
+    """Sweep directory."""
+    iterations: int = 5
+    """PPO iterations per trial."""
+    lr: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
+    """Learning rates to try (grid)."""
+    entropy_coeff: list[float] = field(default_factory=lambda: [0.0, 0.01])
+    """Entropy coefficients to try (grid)."""
+    train_batch_size: list[int] = field(default_factory=list)
+    """Train batch sizes to try (grid; empty = base.ppo.train_batch_size only)."""
+    max_concurrent_trials: int = 2
+    """Trials at once (each takes 1 CPU plus one per remote env runner)."""
+
+    def __post_init__(self):
+        if self.iterations < 1 or self.max_concurrent_trials < 1:
+            raise ConfigError("iterations and max_concurrent_trials must be >= 1")
+        if not self.lr or not self.entropy_coeff:
+            raise ConfigError("lr and entropy_coeff need at least one value each")
+        if self.train_batch_size and min(self.train_batch_size) < self.base.ppo.minibatch_size:
+            raise ConfigError(f"every train_batch_size must be >= base.ppo.minibatch_size "
+                              f"({self.base.ppo.minibatch_size})")
+
+
+def tune_ppo(cfg: PPOTuneConfig) -> list[dict]:
+    """Run (or restore) the sweep; returns the trials ranked best first (also in results.csv/.md)."""
+    from ray import tune
+
+    from orchestration.ray_utils import ensure_ray
+
+    out = Path(cfg.output).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.yaml").write_text(to_yaml(cfg))
+    ensure_ray()
+    ppo = build_ppo_config(cfg.base).training(
+        lr=tune.grid_search(cfg.lr), entropy_coeff=tune.grid_search(cfg.entropy_coeff),
+        train_batch_size_per_learner=tune.grid_search(cfg.train_batch_size or [cfg.base.ppo.train_batch_size]))
+    experiment = out / "tune"
+    if tune.Tuner.can_restore(str(experiment)):
+        log.info("restoring the interrupted sweep in %s", experiment)
+        tuner = tune.Tuner.restore(str(experiment), trainable=ppo.algo_class, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            ppo.algo_class, param_space=ppo,
+            tune_config=tune.TuneConfig(metric=METRIC, mode="max", max_concurrent_trials=cfg.max_concurrent_trials),
+            run_config=tune.RunConfig(name="tune", storage_path=str(out), stop={"training_iteration": cfg.iterations},
+                                      checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=True)))
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        config = result.config or {}
+        rows.append({"trial": Path(result.path).name, "lr": config.get("lr"),
+                     "entropy_coeff": config.get("entropy_coeff"),
+                     "train_batch_size": config.get("train_batch_size_per_learner"),
+                     "return_mean": (result.metrics or {}).get("env_runners", {}).get("episode_return_mean"),
+                     "iterations": (result.metrics or {}).get("training_iteration"),
+                     "error": type(result.error).__name__ if result.error else None})
+    rows.sort(key=lambda r: -(r["return_mean"] if r["return_mean"] is not None else float("-inf")))
+    columns = ["trial", "lr", "entropy_coeff", "train_batch_size", "return_mean", "iterations", "error"]
+    import csv
+
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "results.md").write_text(f"# PPO sweep on {cfg.base.env}\n\n{markdown_table(rows, columns)}\n")
+    best = rows[0]
+    (out / "best.yaml").write_text(yaml.safe_dump({"ppo": {"lr": best["lr"], "entropy_coeff": best["entropy_coeff"],
+                                                           "train_batch_size": best["train_batch_size"]}}))
+    return rows
