@@ -26,9 +26,9 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
+from timing import interleaved
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,24 +39,6 @@ from models.common.transformer import MLP  # noqa: E402
 from models.registry import build_model  # noqa: E402
 
 SHAPE = "hmst-source-tiny"
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def interleaved(variants: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Run each variant ``warmup`` times, then ``repeats`` rounds of one call of each; returns the timings."""
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            times[name].append(timed(fn))
-    return times
 
 
 def matmul_probe(dtype: torch.dtype, n: int = 2048, reps: int = 3):

@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
+from timing import interleaved
 import torch.nn.functional as F
 from torch import nn
 
@@ -44,20 +44,6 @@ class PerTokenGatherExperts(HierarchicalSparseExperts):
         h_NKR = self.act(torch.einsum("nd,nkdr->nkr", x_ND, self.W1_EDR[expert_ids_NK]))
         y_NKD = torch.einsum("nkr,nkrd->nkd", h_NKR, self.W2_ERD[expert_ids_NK])
         return (y_NKD * gate_NK.unsqueeze(-1)).sum(1), torch.zeros(())
-
-
-def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds of each repeat of each callable, running them in turn so background load is shared alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def bench_layer(reps: int) -> None:
