@@ -42,3 +42,11 @@ def test_pipeline_quick_profile_writes_report_and_resumes(ray_session, tmp_path,
         assert main(argv) == 0  # a second run skips the finished pretraining stage
     assert "pretraining already finished at step 30" in caplog.text
     assert json.loads((tmp_path / "summary.json").read_text())["pretrain"] == summary["pretrain"]
+
+
+def test_overrides_may_follow_options(capsys):
+    # `rl train ENV --iterations N key=value`: the override after the option still reaches the config
+    assert main(["rl", "train", "CartPole-v1", "--iterations", "1", "ppo.bogus=1"]) == 2
+    assert "unknown config key 'ppo.bogus'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--bogus"])
