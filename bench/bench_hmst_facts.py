@@ -52,21 +52,85 @@ def pretrain_model(run: Path, corpus: Path, args) -> Path:
     return out
 
 
+def train_or_load_critic(run: Path, pretrain_dir: Path, seed: int):
+    from models.hmst.facts import FactConfig, FactWorld
+    from models.hmst.training import load_critic, save_component, train_critic
+    from orchestration.checkpoint import find_checkpoint
+    from orchestration.tokenizers import load_tokenizer
+
+    out = run / "critic"
+    if (out / "critic.json").is_file():
+        return load_critic(out), json.loads((out / "critic.json").read_text())["result"]
+    tokenizer = load_tokenizer(find_checkpoint(pretrain_dir))
+    critic, result = train_critic(FactWorld(FactConfig(seed=seed)), tokenizer, tokenizer.vocab_size, log=None)
+    save_component(critic, "critic", out, {"result": result})
+    return critic, result
+
+
+def evaluate(pretrain_dir: Path, critic, seed: int, n_questions: int) -> dict:
+    from memory_service import LocalMemory, MemoryConfig
+    from models.hmst.engine import Decisions, HMSTEngine
+    from models.hmst.facts import FactConfig, FactWorld, exact_match
+    from models.io import load_model
+    from orchestration.checkpoint import find_checkpoint
+    from orchestration.tokenizers import load_tokenizer
+
+    ckpt = find_checkpoint(pretrain_dir)
+    model, tokenizer = load_model(ckpt), load_tokenizer(ckpt)
+    world = FactWorld(FactConfig(seed=seed))
+    with tempfile.TemporaryDirectory() as tmp:
+        memory = LocalMemory(MemoryConfig(dim=model.cfg.d_model, path=tmp))
+        engine = HMSTEngine(model, tokenizer, semantic_memory=memory, critic=critic)
+        facts = world.by_placement("semantic")
+        engine.fill_semantic([f.statement() for f in facts])
+        paths = {"semantic off": Decisions(), "semantic on": Decisions(semantic=True),
+                 "semantic on + early exit": Decisions(semantic=True, early_exit=True),
+                 "semantic on + verify": Decisions(semantic=True, verify=True)}
+        rows = {}
+        for name, decisions in paths.items():
+            hits, recalls, times, flops = 0, 0, [], []
+            for fact in facts[:n_questions]:
+                result = engine.session().ask(fact.question(), decisions)
+                hits += exact_match(result.response, fact.value)
+                recalls += fact.statement() in result.retrieved
+                times.append(result.wall_s)
+                flops.append(result.flops)
+            n = min(n_questions, len(facts))
+            rows[name] = {"exact_match": hits / n, "retrieval_recall": recalls / n,
+                          "latency_ms_median": 1000 * statistics.median(times), "mflops_mean": statistics.mean(flops) / 1e6}
+        memory.close()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", default="runs/bench-hmst-facts", help="work directory (stages are cached here)")
     parser.add_argument("--model", default="hmst-micro", help="registry preset to pretrain")
-    parser.add_argument("--steps", type=int, default=400, help="pretraining steps")
+    parser.add_argument("--steps", type=int, default=700, help="pretraining steps")
     parser.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary size")
+    parser.add_argument("--questions", type=int, default=96, help="semantic-placement questions asked per path")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stage", choices=("all", "pretrain"), default="all")
     args = parser.parse_args()
+    torch.set_num_threads(2)
     run = Path(args.run)
     run.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     corpus = build_corpus(run, args.seed)
     pretrain_dir = pretrain_model(run, corpus, args)
     print(f"pretrained model in {pretrain_dir} ({time.time() - t0:.0f} s)")
+    if args.stage == "pretrain":
+        return
+    critic, critic_result = train_or_load_critic(run, pretrain_dir, args.seed)
+    print(f"critic AUROC on held-out corrupted answers: {critic_result['auroc']:.3f} "
+          f"(untrained {critic_result['auroc_before']:.3f})")
+    rows = evaluate(pretrain_dir, critic, args.seed, args.questions)
+    print("| path | exact match | retrieval recall | answer() latency median (ms) | MFLOPs/query |")
+    print("|---|---|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['exact_match']:.3f} | {row['retrieval_recall']:.2f} | "
+              f"{row['latency_ms_median']:.1f} | {row['mflops_mean']:.2f} |")
+    (run / "results.json").write_text(json.dumps({"critic": critic_result, "paths": rows}, indent=2))
 
 
 if __name__ == "__main__":
