@@ -150,12 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     from memory_service.cli import register as _register_memory
     from orchestration.cluster import register as _register_cluster
     from orchestration.continual import register as _register_continual
+    from orchestration.hmst_cli import register as _register_hmst
     from orchestration.report_cli import register as _register_report
     from orchestration.sweep import register as _register_sweep
     from rl.cli import register as _register_rl
 
     for register in (_register_pipeline, _register_pretrain, _register_sweep, _register_continual, _register_generate,
-                     _register_models, _register_memory, _register_rl, _register_report, _register_cluster):
+                     _register_models, _register_memory, _register_hmst, _register_rl, _register_report,
+                     _register_cluster):
         register(sub)
     return parser
 
