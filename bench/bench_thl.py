@@ -6,7 +6,10 @@
 Sections:
 - train: tokens/s of a full training step (forward, backward, AdamW) at the source's "small" shape (thl-small:
   d=256, J=256, 4 heads x 64, kappa=4, V=512), batch 8, sequence 128, fresh state per step (the source harness).
-  Acceptance: >= 5,400 tokens/s (10x the source's quiet-machine 540).
+  Acceptance: >= 5,400 tokens/s (10x the source's quiet-machine 540). Side by side with the THL code of git
+  revision ``--baseline`` (default 67071cb, before the window autograd node), same weights, steps interleaved,
+  at 1 and 2 threads; also CPU seconds per step and aten operator calls per step (torch.profiler), which
+  the machine's load does not change.
 - gen: greedy generation tokens/s at B=1 (thl-small), through the shared generate().
 - jscale: per-token generation time at J=128 vs J=1024 (thl-small otherwise), interleaved repeats, medians.
   Acceptance: ratio <= 2.
@@ -20,6 +23,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -39,29 +43,72 @@ from models.registry import build_model  # noqa: E402
 from models.thl.layered import UNITS, LayeredEngine  # noqa: E402
 
 SOURCE_TRAIN_TOKS = 540.0  # spec §4, quiet re-measurement
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def bench_train(steps: int = 6) -> dict:
+def baseline_thl_model(rev: str):
+    """THLModel class of models/thl at git revision ``rev``, imported as a separate package next to the current one."""
+    package = f"thl_baseline_{rev}"
+    target = os.path.join(tempfile.gettempdir(), "thl_baseline", package)
+    os.makedirs(target, exist_ok=True)
+    for name in ("__init__", "config", "memory", "model"):
+        text = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:models/thl/{name}.py"], check=True,
+                              capture_output=True, text=True).stdout
+        with open(os.path.join(target, f"{name}.py"), "w") as f:
+            f.write(text.replace("models.thl.", f"{package}."))
+    sys.path.insert(0, os.path.dirname(target))
+    return importlib.import_module(f"{package}.model").THLModel
+
+
+def train_step(model, opt, x_BT1) -> float:
+    out = model(x_BT1[:, :-1], x_BT1[:, 1:])
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    opt.step()
+    return out.loss.item()
+
+
+def aten_calls_per_step(model, opt, x_BT1) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_step(model, opt, x_BT1)
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
+def bench_train(steps: int = 5, baseline: str = "67071cb") -> dict:
     torch.manual_seed(0)
-    model = build_model("thl-small").train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randint(0, model.cfg.vocab_size, (8, 129))
-    times, losses = [], []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        out = model(x[:, :-1], x[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        if i:  # the first step warms up allocators and caches
-            times.append(time.perf_counter() - t0)
-        losses.append(out.loss.item())
-    step, best = statistics.median(times), min(times)
-    # on a shared machine the median carries other jobs' load; the best step is the nearest to a quiet machine
-    return dict(params=model.num_params(), step_s=step, tokens_per_s=8 * 128 / step, best_step_s=best,
-                tokens_per_s_best=8 * 128 / best, step_times=[round(t, 3) for t in times],
-                flops_per_s_best=model.flops_per_token(128) * 8 * 128 / best, loss_first=losses[0],
-                loss_last=losses[-1])
+    new = build_model("thl-small").train()
+    models = {"new": new}
+    if baseline:
+        models["old"] = baseline_thl_model(baseline)(new.cfg).train()
+        models["old"].load_state_dict(new.state_dict())  # same parameter names: same weights
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-3) for name, m in models.items()}
+    x = torch.randint(0, new.cfg.vocab_size, (8, 129))
+    result = dict(params=new.num_params(), load_before=os.getloadavg()[0])
+    for name, m in models.items():
+        train_step(m, opts[name], x)  # warm-up: allocators, caches
+        result[f"{name}_aten_calls_per_step"] = aten_calls_per_step(m, opts[name], x)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        wall = {name: [] for name in models}
+        cpu = {name: [] for name in models}
+        for _ in range(steps):  # interleaved, so load changes hit both alike
+            for name, m in models.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                train_step(m, opts[name], x)
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+        for name in models:
+            # on a shared machine the median carries other jobs' load; the best step is the nearest to quiet
+            result[f"{name}_{threads}t"] = dict(
+                best_step_s=round(min(wall[name]), 4), median_step_s=round(statistics.median(wall[name]), 4),
+                tokens_per_s_best=round(8 * 128 / min(wall[name]), 1),
+                tokens_per_s_median=round(8 * 128 / statistics.median(wall[name]), 1),
+                cpu_s_per_step_median=round(statistics.median(cpu[name]), 4), steps=[round(t, 3) for t in wall[name]])
+    torch.set_num_threads(2)
+    result["load_after"] = os.getloadavg()[0]
+    result["tokens_per_s_best"] = max(result[f"new_{t}t"]["tokens_per_s_best"] for t in (1, 2))
+    return result
 
 
 @torch.inference_mode()
@@ -158,7 +205,7 @@ def main() -> None:
         print(f"## {section}  ({time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f})")
         print("```\n" + json.dumps(result, indent=1, default=str) + "\n```")
         if section == "train":
-            print(f"training tokens/s median {result['tokens_per_s']:.0f}, best step {result['tokens_per_s_best']:.0f} "
+            print(f"training tokens/s, best step {result['tokens_per_s_best']:.0f} "
                   f"= {result['tokens_per_s_best'] / SOURCE_TRAIN_TOKS:.1f}x the source's 540 (acceptance >= 5,400)")
         elif section == "jscale":
             print(f"per-token time J=1024 / J=128 = {result['ratio']:.2f} (acceptance <= 2)")

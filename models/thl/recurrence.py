@@ -20,6 +20,8 @@ gradient for it.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,6 +55,19 @@ def run_window(core: nn.Module, q_in_TBX: torch.Tensor, gates0_TBX: torch.Tensor
     return dict(zip(("feats_TBS", "alpha_TBHK", "idx_TBHK", "written_TB", "blended_TB", "gate_TB"), outs))
 
 
+@contextmanager
+def _one_thread():
+    """The per-token ops are tiny (M = batch GEMMs, J-long vectors): OpenMP's fork/join per op costs more than
+    it saves, and on a loaded machine a descheduled second thread stalls every op. The batched work around the
+    loops (head, input projections, weight gradients) keeps all threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _ticks(state: THLState, T: int, timescale: int) -> list[bool]:
     return [(state.pos + t) % timescale == 0 for t in range(T)]
 
@@ -78,42 +93,43 @@ def _forward(core, q_in_TBX, gates0_TBX, noise_TBHJ, state: THLState, saved: dic
     hist = [[] for _ in range(K)]  # tier states after every step
     reads, writes, tick_inputs = [], [], [[] for _ in range(K)]
     scales = []  # (read scale, write scale) per step
-    for t in range(T):
-        scale_read = state.scale
-        q_BX = torch.addmm(q_base_TBX[t], s[0], router.query_fast.weight.t())
-        r_BX, read = router.read(q_BX.view(B, H, -1), state, None if noise_TBHJ is None else noise_TBHJ[t],
-                                 keep_dense)
-        new = [torch.gru_cell(r_BX, s[0], cell0.inp.weight, cell0.hh.weight, pre0_TBX[t], cell0.hh.bias)]
-        for k in range(1, K):
-            if not ticks[k][t]:
-                new.append(s[k])  # not this tier's tick: hold
-                continue
-            x_BX = torch.cat([new[k - 1], r_BX, s[k + 1]] if k < top else [new[k - 1], r_BX], dim=-1)
-            new.append(torch.gru_cell(x_BX, s[k], cells[k].inp.weight, cells[k].hh.weight, cells[k].inp.bias,
-                                      cells[k].hh.bias))
+    with _one_thread():
+        for t in range(T):
+            scale_read = state.scale
+            q_BX = torch.addmm(q_base_TBX[t], s[0], router.query_fast.weight.t())
+            r_BX, read = router.read(q_BX.view(B, H, -1), state, None if noise_TBHJ is None else noise_TBHJ[t],
+                                     keep_dense)
+            new = [torch.gru_cell(r_BX, s[0], cell0.inp.weight, cell0.hh.weight, pre0_TBX[t], cell0.hh.bias)]
+            for k in range(1, K):
+                if not ticks[k][t]:
+                    new.append(s[k])  # not this tier's tick: hold
+                    continue
+                x_BX = torch.cat([new[k - 1], r_BX, s[k + 1]] if k < top else [new[k - 1], r_BX], dim=-1)
+                new.append(torch.gru_cell(x_BX, s[k], cells[k].inp.weight, cells[k].hh.weight, cells[k].inp.bias,
+                                          cells[k].hh.bias))
+                if keep:
+                    tick_inputs[k].append((t, x_BX, s[k]))
+                if k == 1:  # tier 0 sees the new top-down term from the next step on
+                    end = min(t + 1 + taus[1], T)
+                    torch.add(gates0_TBX[t + 1:end], core.topdown(new[1]), out=pre0_TBX[t + 1:end])
+            if ticks[top][t]:  # the slowest tier ticked: its query part from the next step, its write part now
+                end = min(t + 1 + taus[top], T)
+                torch.add(q_in_TBX[t + 1:end], router.query_slow(new[top]), out=q_base_TBX[t + 1:end])
+                w_slow_BM = writer.proj_slow(new[top])
+            state.tiers = s = new
+            state.scale *= cfg.memory_decay  # decay every slot: one float
+            write = writer.write(new[0], w_slow_BM, state, router, keep, keep_old_kv=keep_dense)
             if keep:
-                tick_inputs[k].append((t, x_BX, s[k]))
-            if k == 1:  # tier 0 sees the new top-down term from the next step on
-                end = min(t + 1 + taus[1], T)
-                torch.add(gates0_TBX[t + 1:end], core.topdown(new[1]), out=pre0_TBX[t + 1:end])
-        if ticks[top][t]:  # the slowest tier ticked: its query part from the next step, its write part now
-            end = min(t + 1 + taus[top], T)
-            torch.add(q_in_TBX[t + 1:end], router.query_slow(new[top]), out=q_base_TBX[t + 1:end])
-            w_slow_BM = writer.proj_slow(new[top])
-        state.tiers = s = new
-        state.scale *= cfg.memory_decay  # decay every slot: one float
-        write = writer.write(new[0], w_slow_BM, state, router, keep, keep_old_kv=keep_dense)
-        if keep:
-            read.update(q=q_BX, r=r_BX, src=src_BJ.gather(1, read["idx"].view(B, -1)).view_as(read["idx"]))
-            write.update(src_old=src_BJ.gather(1, write["slot"][:, None]).squeeze(1),
-                         src_best=src_BJ.gather(1, write["best"][:, None]).squeeze(1))
-            src_BJ.scatter_(1, write["slot"][:, None], t)
-            scales.append((scale_read, state.scale))
-        state.pos += 1
-        for k in range(K):
-            hist[k].append(new[k])
-        reads.append(read)
-        writes.append(write)
+                read.update(q=q_BX, r=r_BX, src=src_BJ.gather(1, read["idx"].view(B, -1)).view_as(read["idx"]))
+                write.update(src_old=src_BJ.gather(1, write["slot"][:, None]).squeeze(1),
+                             src_best=src_BJ.gather(1, write["best"][:, None]).squeeze(1))
+                src_BJ.scatter_(1, write["slot"][:, None], t)
+                scales.append((scale_read, state.scale))
+            state.pos += 1
+            for k in range(K):
+                hist[k].append(new[k])
+            reads.append(read)
+            writes.append(write)
     stack = lambda items, key: torch.stack([item[key] for item in items])  # noqa: E731
     feats_TBS = torch.cat([torch.stack(h) for h in hist], dim=-1)
     outs = (feats_TBS, stack(reads, "alpha"), stack(reads, "idx"), stack(writes, "written"),
@@ -226,73 +242,74 @@ def _backward(core, sv: dict, dfeats_TBS: torch.Tensor, dalpha_TBHK: torch.Tenso
     spans = {"q": [], "w": [], "td": []}  # (summed gradient, the slow state it came from)
     tick_inputs = [{t: (x, s) for t, x, s in sv["tick_inputs"][k]} for k in range(K)]
     tick_grads = [[] for _ in range(K)]
-    for t in reversed(range(T)):
-        # the write: its log entry holds every later reader's gradient of the row and of its key/value
-        dnew = torch.addmm(log_mem[t], log_kv[t].view(B, -1), w_kv)
-        dgate = (dnew * P[t]).sum(-1, keepdim=True)
-        dw = torch.addcmul(dnew * Rw[t], dgate, Qw[t])
-        log_mem.index_put_((src_old[t], b_B), dnew * keep_old[t], accumulate=True)
-        log_mem.index_put_((src_best[t], b_B), dgate * Qb[t], accumulate=True)
-        du = torch.addcmul(dw * wr["clip"][t], (dw * u[t]).sum(-1, keepdim=True) * clip_slope[t], u[t], value=-1,
-                           out=DU[t])
-        g[0] = torch.addmm(g[0], du, w_pf)
-        dr = None
-        if ticks[top][t]:  # this step's slowest state made the query's slow part (steps t+1..) and the write's (t..)
-            end = min(t + taus[top], T)
-            dq_slow, dw_slow = DQ[t + 1:end + 1].sum(0), DU[t:end].sum(0)
-            g[top] = torch.addmm(torch.addmm(g[top], dq_slow, w_qs), dw_slow, w_ps)
-            spans["q"].append((dq_slow, hist[top][t]))
-            spans["w"].append((dw_slow, hist[top][t]))
-        for k in range(top, 0, -1):
-            if not ticks[k][t]:
-                continue
-            dh = g[k] + (suffix[k][t] - suffix[k][min(t + taus[k], T)])
-            if k == 1:  # the new tier-1 state made tier 0's top-down term (steps t+1..)
-                dtd = DGI0[t + 1:min(t + 1 + taus[1], T)].sum(0)
-                dh = torch.addmm(dh, dtd, core.topdown.weight)
-                spans["td"].append((dtd, hist[1][t]))
-            x, s_prev = tick_inputs[k][t]
-            cell = cells[k]
-            A, Ah, z = _gru_coefficients(cell.inp(x), cell.hh(s_prev), s_prev)
-            dgi, dgh = (dh.unsqueeze(1) * A).view(B, -1), (dh.unsqueeze(1) * Ah).view(B, -1)
-            g[k] = torch.addmm(dh * z, dgh, cell.hh.weight)
-            dx = dgi @ cell.inp.weight  # x = [lower tier's new state; r; upper tier's previous state]
-            lower, d_r, upper = dx.split([dims[k - 1], cfg.value_dim, dx.size(1) - dims[k - 1] - cfg.value_dim], 1)
-            g[k - 1] = g[k - 1] + lower
-            dr = d_r if dr is None else dr + d_r
-            if k < top:
-                g[k + 1] = g[k + 1] + upper
-            tick_grads[k].append((dgi, dgh, x, s_prev))
-        # tier 0
-        dh = g[0] + dS[0][t]
-        torch.mul(dh.unsqueeze(1), A0[t], out=DGI0[t].view(B, 3, -1))
-        torch.mul(dh.unsqueeze(1), Ah0[t], out=DGH0[t].view(B, 3, -1))
-        g[0] = torch.addmm(dh * Z0[t], DGH0[t], w_hh0)
-        dr = torch.mm(DGI0[t], w_ih0) if dr is None else torch.addmm(dr, DGI0[t], w_ih0)
-        # the read: r = scale sum_k alpha_k v_k; alpha = softmax(score / temperature)
-        dr_BHV1 = dr.view(B, H, -1, 1)
-        log_values.index_put_((src_read[t], b_B11, h_1H1), alpha_scaled[t].unsqueeze(3) * dr_BHV1.transpose(2, 3),
-                              accumulate=True)
-        dalpha = torch.add(dalpha_TBHK[t], torch.matmul(rd["values"][t], dr_BHV1).squeeze(3), alpha=scale_read[t])
-        dlogit = torch._softmax_backward_data(dalpha, alpha[t], -1, dtype).mul_(score_factor[t])
-        dq_BHD1 = torch.matmul(rd["keys"][t], dlogit.unsqueeze(3))
-        log_keys.index_put_((src_read[t], b_B11, h_1H1), dlogit.unsqueeze(3) * q_BH1D[t], accumulate=True)
-        if straight_through:  # the dense softmax over the bank as this step read it: undo this step's write first
-            keys_BHDJ.scatter_(3, slot_BHD1[t], wr["old_keys"][t])
-            values_BHJV.scatter_(2, slot_BH1V[t], wr["old_values"][t])
-            dsoft = torch.matmul(values_BHJV, dr_BHV1).squeeze(3).mul_(scale_read[t])
-            ddense = torch._softmax_backward_data(dsoft, rd["dense"][t], -1, dtype).mul_(score_factor[t])
-            dq_BHD1 = dq_BHD1 + torch.matmul(keys_BHDJ, ddense.unsqueeze(3))
-        DQ[t] = dq_BHD1.view(B, -1)
-        g[0] = torch.addmm(g[0], DQ[t], w_qf)
+    with _one_thread():
+        for t in reversed(range(T)):
+            # the write: its log entry holds every later reader's gradient of the row and of its key/value
+            dnew = torch.addmm(log_mem[t], log_kv[t].view(B, -1), w_kv)
+            dgate = (dnew * P[t]).sum(-1, keepdim=True)
+            dw = torch.addcmul(dnew * Rw[t], dgate, Qw[t])
+            log_mem.index_put_((src_old[t], b_B), dnew * keep_old[t], accumulate=True)
+            log_mem.index_put_((src_best[t], b_B), dgate * Qb[t], accumulate=True)
+            du = torch.addcmul(dw * wr["clip"][t], (dw * u[t]).sum(-1, keepdim=True) * clip_slope[t], u[t], value=-1,
+                               out=DU[t])
+            g[0] = torch.addmm(g[0], du, w_pf)
+            dr = None
+            if ticks[top][t]:  # the new slowest state made the query's slow part (steps t+1..) and the write's (t..)
+                end = min(t + taus[top], T)
+                dq_slow, dw_slow = DQ[t + 1:end + 1].sum(0), DU[t:end].sum(0)
+                g[top] = torch.addmm(torch.addmm(g[top], dq_slow, w_qs), dw_slow, w_ps)
+                spans["q"].append((dq_slow, hist[top][t]))
+                spans["w"].append((dw_slow, hist[top][t]))
+            for k in range(top, 0, -1):
+                if not ticks[k][t]:
+                    continue
+                dh = g[k] + (suffix[k][t] - suffix[k][min(t + taus[k], T)])
+                if k == 1:  # the new tier-1 state made tier 0's top-down term (steps t+1..)
+                    dtd = DGI0[t + 1:min(t + 1 + taus[1], T)].sum(0)
+                    dh = torch.addmm(dh, dtd, core.topdown.weight)
+                    spans["td"].append((dtd, hist[1][t]))
+                x, s_prev = tick_inputs[k][t]
+                cell = cells[k]
+                A, Ah, z = _gru_coefficients(cell.inp(x), cell.hh(s_prev), s_prev)
+                dgi, dgh = (dh.unsqueeze(1) * A).view(B, -1), (dh.unsqueeze(1) * Ah).view(B, -1)
+                g[k] = torch.addmm(dh * z, dgh, cell.hh.weight)
+                dx = dgi @ cell.inp.weight  # x = [lower tier's new state; r; upper tier's previous state]
+                lower, d_r, upper = dx.split([dims[k - 1], cfg.value_dim, dx.size(1) - dims[k - 1] - cfg.value_dim], 1)
+                g[k - 1] = g[k - 1] + lower
+                dr = d_r if dr is None else dr + d_r
+                if k < top:
+                    g[k + 1] = g[k + 1] + upper
+                tick_grads[k].append((dgi, dgh, x, s_prev))
+            # tier 0
+            dh = g[0] + dS[0][t]
+            torch.mul(dh.unsqueeze(1), A0[t], out=DGI0[t].view(B, 3, -1))
+            torch.mul(dh.unsqueeze(1), Ah0[t], out=DGH0[t].view(B, 3, -1))
+            g[0] = torch.addmm(dh * Z0[t], DGH0[t], w_hh0)
+            dr = torch.mm(DGI0[t], w_ih0) if dr is None else torch.addmm(dr, DGI0[t], w_ih0)
+            # the read: r = scale sum_k alpha_k v_k; alpha = softmax(score / temperature)
+            dr_BHV1 = dr.view(B, H, -1, 1)
+            log_values.index_put_((src_read[t], b_B11, h_1H1), alpha_scaled[t].unsqueeze(3) * dr_BHV1.transpose(2, 3),
+                                  accumulate=True)
+            dalpha = torch.add(dalpha_TBHK[t], torch.matmul(rd["values"][t], dr_BHV1).squeeze(3), alpha=scale_read[t])
+            dlogit = torch._softmax_backward_data(dalpha, alpha[t], -1, dtype).mul_(score_factor[t])
+            dq_BHD1 = torch.matmul(rd["keys"][t], dlogit.unsqueeze(3))
+            log_keys.index_put_((src_read[t], b_B11, h_1H1), dlogit.unsqueeze(3) * q_BH1D[t], accumulate=True)
+            if straight_through:  # the dense softmax over the bank as this step read it: undo this step's write first
+                keys_BHDJ.scatter_(3, slot_BHD1[t], wr["old_keys"][t])
+                values_BHJV.scatter_(2, slot_BH1V[t], wr["old_values"][t])
+                dsoft = torch.matmul(values_BHJV, dr_BHV1).squeeze(3).mul_(scale_read[t])
+                ddense = torch._softmax_backward_data(dsoft, rd["dense"][t], -1, dtype).mul_(score_factor[t])
+                dq_BHD1 = dq_BHD1 + torch.matmul(keys_BHDJ, ddense.unsqueeze(3))
+            DQ[t] = dq_BHD1.view(B, -1)
+            g[0] = torch.addmm(g[0], DQ[t], w_qf)
 
     # spans that used the window's initial (detached) states still give their weights a gradient
     first = [next((t for t in range(T) if ticks[k][t]), T) for k in range(K)]
     spans["q"].append((DQ[:first[top] + 1].sum(0), init[top]))
     spans["w"].append((DU[:first[top]].sum(0), init[top]))
     grads = [DQ, DGI0, _flat(DQ).t() @ _flat(s0_prev_TBD), _outer_sum(spans["q"]),
-             log_kv[:T].reshape(T * B, -1).t() @ _flat(wr["new"]), _flat(DU).t() @ _flat(hist[0]), _outer_sum(spans["w"]),
-             torch.stack([d for d, _ in spans["w"]]).sum((0, 1))]
+             log_kv[:T].reshape(T * B, -1).t() @ _flat(wr["new"]), _flat(DU).t() @ _flat(hist[0]),
+             _outer_sum(spans["w"]), torch.stack([d for d, _ in spans["w"]]).sum((0, 1))]
     if K > 1:
         spans["td"].append((DGI0[:first[1] + 1].sum(0), init[1]))
         grads.append(_outer_sum(spans["td"]))
