@@ -10,6 +10,8 @@ Sections:
   revision ``--baseline`` (default 67071cb, before the window autograd node), same weights, steps interleaved,
   at 1 and 2 threads; also CPU seconds per step and aten operator calls per step (torch.profiler), which
   the machine's load does not change.
+- grads: the window node's hand-written gradients vs the autograd implementation of ``--baseline`` (float64, same
+  weights, 40 tokens over 3 windows, with and without the straight-through option): max relative difference.
 - gen: greedy generation tokens/s at B=1 (thl-small), through the shared generate().
 - jscale: per-token generation time at J=128 vs J=1024 (thl-small otherwise), interleaved repeats, medians.
   Acceptance: ratio <= 2.
@@ -111,6 +113,29 @@ def bench_train(steps: int = 7, baseline: str = "67071cb") -> dict:
     return result
 
 
+def bench_grads(baseline: str = "67071cb") -> dict:
+    import torch.nn.functional as F
+    old_class = baseline_thl_model(baseline)
+    old_config = importlib.import_module(old_class.__module__.rsplit(".", 1)[0] + ".config").THLConfig
+    small = dict(vocab_size=64, d_embed=32, tier_dims=(32, 32, 32), tier_timescales=(1, 4, 16), local_window=8,
+                 local_heads=2, memory_slots=16, memory_dim=32, read_heads=2, head_dim=16, value_dim=32, read_topk=3,
+                 bptt_window=16)
+    result = {}
+    for straight_through in (False, True):
+        torch.manual_seed(0)
+        new = build_model("thl-tiny", **small, straight_through=straight_through).double().eval()
+        old = old_class(old_config(**small, straight_through=straight_through)).double().eval()
+        old.load_state_dict(new.state_dict())
+        ids = torch.randint(0, 64, (2, 40))
+        for model in (new, old):
+            out = model(ids, ids)
+            (F.cross_entropy(out.logits.flatten(0, 1), ids.flatten()) + out.aux_loss).backward()
+        result[f"straight_through={straight_through}"] = max(
+            ((pn.grad - po.grad).abs().max() / po.grad.abs().max().clamp_min(1e-30)).item()
+            for pn, po in zip(new.parameters(), old.parameters()))
+    return result
+
+
 @torch.inference_mode()
 def per_token_seconds(model, n_tokens: int) -> float:
     """Seconds per generated token (B=1, greedy), streaming through step()."""
@@ -202,7 +227,7 @@ def bench_layered(n_tokens: int = 48) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="train,gen,jscale,rss,layered")
+    parser.add_argument("--only", default="train,grads,gen,jscale,rss,layered")
     parser.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
@@ -211,7 +236,7 @@ def main() -> None:
     print(f"# THL benchmark  (torch {torch.__version__}, threads 2, load average {os.getloadavg()[0]:.1f})\n")
     for section in args.only.split(","):
         t0 = time.perf_counter()
-        result = dict(train=bench_train, gen=bench_gen, jscale=bench_jscale, rss=bench_rss,
+        result = dict(train=bench_train, grads=bench_grads, gen=bench_gen, jscale=bench_jscale, rss=bench_rss,
                       layered=bench_layered)[section]()
         print(f"## {section}  ({time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f})")
         print("```\n" + json.dumps(result, indent=1, default=str) + "\n```")

@@ -47,8 +47,8 @@ def run_window(core: nn.Module, q_in_TBX: torch.Tensor, gates0_TBX: torch.Tensor
     ``q_in_TBX`` and ``gates0_TBX`` are the token-side parts of the router query and of tier 0's gates.
     Returns per-token tier features (T, B, sum(tier_dims)), read weights alpha (T, B, H, kappa) and the records.
     """
-    params = recurrent_parameters(core)
-    if torch.is_grad_enabled() and (q_in_TBX.requires_grad or any(p.requires_grad for p in params)):
+    params = recurrent_parameters(core) if torch.is_grad_enabled() else []
+    if q_in_TBX.requires_grad or any(p.requires_grad for p in params):
         outs = _WindowNode.apply(core, state, noise_TBHJ, q_in_TBX, gates0_TBX, *params)
     else:
         outs = _forward(core, q_in_TBX, gates0_TBX, noise_TBHJ, state, saved=None)
@@ -70,6 +70,11 @@ def _one_thread():
 
 def _ticks(state: THLState, T: int, timescale: int) -> list[bool]:
     return [(state.pos + t) % timescale == 0 for t in range(T)]
+
+
+def _stack(records: list[dict], key: str) -> torch.Tensor:
+    """One per-step record field, stacked over the window (time first)."""
+    return torch.stack([record[key] for record in records])
 
 
 @torch.no_grad()
@@ -130,21 +135,22 @@ def _forward(core, q_in_TBX, gates0_TBX, noise_TBHJ, state: THLState, saved: dic
                 hist[k].append(new[k])
             reads.append(read)
             writes.append(write)
-    stack = lambda items, key: torch.stack([item[key] for item in items])  # noqa: E731
-    feats_TBS = torch.cat([torch.stack(h) for h in hist], dim=-1)
-    outs = (feats_TBS, stack(reads, "alpha"), stack(reads, "idx"), stack(writes, "written"),
-            stack(writes, "blended"), stack(writes, "gate"))
+    hist_TBD = [torch.stack(h) for h in hist]
+    outs = (torch.cat(hist_TBD, dim=-1), _stack(reads, "alpha"), _stack(reads, "idx"), _stack(writes, "written"),
+            _stack(writes, "blended"), _stack(writes, "gate"))
     if keep:
-        saved.update(ticks=ticks, tick_inputs=tick_inputs, scales=scales, pre0_TBX=pre0_TBX,
-                     hist=[torch.stack(h) for h in hist],
-                     reads={key: stack(reads, key) for key in reads[0]},
-                     writes={key: stack(writes, key) for key in writes[0]})
+        saved.update(ticks=ticks, tick_inputs=tick_inputs, scales=scales, pre0_TBX=pre0_TBX, hist=hist_TBD,
+                     reads={key: _stack(reads, key) for key in reads[0]},
+                     writes={key: _stack(writes, key) for key in writes[0]})
         if keep_dense:  # the bank at the window's end; the backward undoes the writes one by one
             saved["bank_end"] = (state.keys_BHDJ.clone(), state.values_BHJV.clone())
     return outs
 
 
 class _WindowNode(torch.autograd.Function):
+    """The window's recurrence as one autograd node: inputs are the token-side terms and the recurrent
+    parameters; outputs are the tier features and the read weights (plus non-differentiable records)."""
+
     @staticmethod
     def forward(ctx, core, state, noise_TBHJ, q_in_TBX, gates0_TBX, *params):
         ctx.core, ctx.saved = core, {"init": [s.detach() for s in state.tiers]}
