@@ -89,7 +89,8 @@ class THLCore(nn.Module):
     """The recurrent part: router read, clocked GRU tiers with top-down conditioning, novelty-gated write.
 
     Terms that depend only on a slow tier (its share of the query, of the write vector, and its top-down input
-    to tier 0) are recomputed when that tier ticks, not every token.
+    to tier 0) are recomputed when that tier ticks, not every token. A window's recurrence is one autograd node
+    with a hand-written backward (``recurrence.py``); this module holds the weights and the batched token side.
     """
 
     def __init__(self, cfg: THLConfig):

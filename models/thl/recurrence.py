@@ -198,9 +198,9 @@ def _backward(core, sv: dict, dfeats_TBS: torch.Tensor, dalpha_TBHK: torch.Tenso
     w_qf, w_qs, w_kv = router.query_fast.weight, router.query_slow.weight, router.slot_kv.weight
     w_pf, w_ps = writer.proj_fast.weight, writer.proj_slow.weight
     w_ih0, w_hh0 = cells[0].inp.weight, cells[0].hh.weight
-    dtype, tiny = dfeats_TBS.dtype, torch.finfo(dfeats_TBS.dtype).tiny
+    dtype, device, tiny = dfeats_TBS.dtype, dfeats_TBS.device, torch.finfo(dfeats_TBS.dtype).tiny
     scale_read = [r for r, _ in sv["scales"]]
-    scale_write_T11 = torch.tensor([w for _, w in sv["scales"]], dtype=dtype).view(T, 1, 1)
+    scale_write_T11 = torch.tensor([w for _, w in sv["scales"]], dtype=dtype, device=device).view(T, 1, 1)
     score_factor = [s * router.score_scale / cfg.router_temperature for s in scale_read]  # d score -> d logit
     dS = dfeats_TBS.split(list(dims), dim=-1)
     # a held slow-tier state gets the feature gradient of its whole span: suffix sums make that one subtraction
@@ -233,8 +233,10 @@ def _backward(core, sv: dict, dfeats_TBS: torch.Tensor, dalpha_TBHK: torch.Tenso
     log_kv = w.new_zeros(T + 1, B, H, w_kv.size(0) // H)
     log_keys, log_values = log_kv[..., :D], log_kv[..., D:]
     src_read, src_old, src_best = (torch.where(src < 0, T, src) for src in (rd["src"], wr["src_old"], wr["src_best"]))
-    b_B, b_B11, h_1H1 = torch.arange(B), torch.arange(B).view(B, 1, 1), torch.arange(H).view(1, H, 1)
-    alpha, alpha_scaled = rd["alpha"], rd["alpha"] * torch.tensor(scale_read, dtype=dtype).view(T, 1, 1, 1)
+    b_B, h_H = torch.arange(B, device=device), torch.arange(H, device=device)
+    b_B11, h_1H1 = b_B.view(B, 1, 1), h_H.view(1, H, 1)
+    alpha = rd["alpha"]
+    alpha_scaled = alpha * torch.tensor(scale_read, dtype=dtype, device=device).view(T, 1, 1, 1)
     q_BH1D = rd["q"].view(T, B, H, 1, D)
     straight_through = "dense" in rd
     if straight_through:
