@@ -34,7 +34,7 @@ done
 echo "submitted $JOB_ID"
 ray job logs --follow "$JOB_ID"
 status=$(ray job status "$JOB_ID" 2>&1)
-[[ "$status" == *SUCCEEDED* ]] || { echo "job $JOB_ID did not succeed: $status" >&2; exit 1; }
+[[ "${status,,}" == *succeeded* ]] || { echo "job $JOB_ID did not succeed: $status" >&2; exit 1; }
 
 python - "$OUTPUT/summary.json" <<'PY'
 import json, sys
