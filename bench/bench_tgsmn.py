@@ -25,7 +25,6 @@ import statistics
 
 import torch
 from timing import interleaved
-import torch.nn.functional as F
 from torch import nn
 
 from models.common.transformer import MLP

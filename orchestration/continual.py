@@ -54,7 +54,8 @@ from orchestration.continual_metrics import cl_metrics, finite_or_none, matrix_c
 from orchestration.continual_tasks import StreamConfig, TaskStream, build_stream
 from orchestration.data import DataConfig, WindowOrder
 from orchestration.errors import CheckpointError, ConfigError
-from orchestration.pretrain import _write_atomic, param_groups
+from orchestration.files import write_atomic
+from orchestration.pretrain import param_groups
 
 log = logging.getLogger(__name__)
 
@@ -539,7 +540,7 @@ def run_continual(cfg: ContinualConfig, controller: Controller | None = None,
         if summary.get("status") == "finished":
             log.info("%s is finished; its summary is %s", run_dir, run_dir / "summary.json")
             return summary
-    _write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     runner = ContinualRunner(cfg, stream)
     shutil.copy2(runner.stream.tokenizer_path, run_dir / "tokenizer.json")
     metrics_path = run_dir / "metrics.jsonl"
@@ -548,7 +549,7 @@ def run_continual(cfg: ContinualConfig, controller: Controller | None = None,
         obs = runner.load_checkpoint(ckpt, controller)
         # rows written after the checkpoint are redone by this run
         kept = [r for r in _read_rows(metrics_path) if r["step"] <= runner.step]
-        _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         log.info("resumed %s from %s (task %d, step %d)", run_dir, ckpt.name, runner.state.task, runner.step)
     else:
         obs = runner.reset()
@@ -599,7 +600,7 @@ def run_continual(cfg: ContinualConfig, controller: Controller | None = None,
 def _finish(run_dir: Path, cfg: ContinualConfig, runner: ContinualRunner, names: list[str]) -> dict:
     """Matrix CSV, plots and summary.json (last) of a finished run."""
     s = runner.state
-    _write_atomic(run_dir / "eval_matrix.csv", matrix_csv(runner.matrix, names, runner.baseline))
+    write_atomic(run_dir / "eval_matrix.csv", matrix_csv(runner.matrix, names, runner.baseline))
     plot_matrix(runner.matrix, names, runner.baseline, run_dir / "eval_matrix.png")
     rows = [r for r in _read_rows(run_dir / "metrics.jsonl") if r["kind"] == "interval"]
     switches = [r["step"] for r in _read_rows(run_dir / "metrics.jsonl") if r["kind"] == "eval"][:-1]
@@ -619,7 +620,7 @@ def _finish(run_dir: Path, cfg: ContinualConfig, runner: ContinualRunner, names:
                  "tokens_per_s": round(s.tokens / max(s.train_s, 1e-9), 1)},
         "files": {"checkpoint": str(latest_checkpoint(run_dir)), "matrix": str(run_dir / "eval_matrix.csv")},
     }
-    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
     log.info("done: avg final loss %.3f, forgetting %s, BWT %s, FWT %s; summary %s", summary["avg_final_loss"],
              summary["forgetting"], summary["backward_transfer"], summary["forward_transfer"],
              run_dir / "summary.json")

@@ -32,7 +32,7 @@ from orchestration.config import from_dict, load_config
 from orchestration.continual import ContinualConfig, run_continual
 from orchestration.continual_tasks import build_stream
 from orchestration.errors import ConfigError
-from orchestration.pretrain import _write_atomic
+from orchestration.files import write_atomic
 from orchestration.report import markdown_table
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def write_results(out: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(out / "results.csv", buf.getvalue())
+    write_atomic(out / "results.csv", buf.getvalue())
     agg = aggregate(rows)
     md = ["# continual grid results", "", "## mean ± std over seeds (losses in nats/token)", "",
           markdown_table(agg, [*GROUP_KEYS, "model", "seeds", "avg_final_loss", "forgetting", "backward_transfer",
@@ -199,4 +199,4 @@ def write_results(out: Path, rows: list[dict]) -> None:
           "", "## every run", "",
           markdown_table(rows, [*GROUP_KEYS, "seed", "status", "avg_final_loss", "forgetting", "backward_transfer",
                                 "forward_transfer", "signal_fraction", "train_s", "error"]), ""]
-    _write_atomic(out / "results.md", "\n".join(md))
+    write_atomic(out / "results.md", "\n".join(md))

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sysconfig
 import tempfile
 from dataclasses import dataclass, field

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from orchestration.errors import MemtrainError
+from orchestration.files import write_atomic
 
 
 def _load_lm(checkpoint: str):
@@ -50,9 +51,7 @@ def _memory(args, dim: int):
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value, indent=2, allow_nan=False))
 
 
 # --- commands ---------------------------------------------------------------------------------------------------

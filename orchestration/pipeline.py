@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from orchestration.config import to_yaml
+from orchestration.files import write_atomic
 from orchestration.pretrain import PretrainConfig, pretrain
 from orchestration.report import markdown_table, plot_loss_curves
 
@@ -188,9 +188,7 @@ def run_pipeline(cfg: PipelineConfig, quick: bool = False) -> dict:
           for name in continual], "",
     ]
     (out / "report.md").write_text("\n".join(report))
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, allow_nan=False))
-    os.replace(tmp, out / "summary.json")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
     print(f"[memtrain] pipeline done in {summary['wall_s']} s: final eval loss {pre['final_eval_loss']:.4f} "
           f"(from {pre['first_eval_loss']:.4f}); checkpoint {pre['checkpoint']}; report {out / 'report.md'}",
           flush=True)

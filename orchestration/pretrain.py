@@ -36,6 +36,7 @@ from orchestration.checkpoint import (TrainerState, config_differences, load_opt
 from orchestration.config import ConfigError, from_dict, to_yaml
 from orchestration.data import DataConfig, PreparedData, TokenWindows, WindowOrder, prepare_data
 from orchestration.errors import DataError
+from orchestration.files import write_atomic
 from orchestration.flops import measure_matmul_peak
 
 log = logging.getLogger(__name__)
@@ -303,12 +304,6 @@ def train_worker(loop_config: dict) -> None:
 
 # --- the driver -------------------------------------------------------------------------------------------------
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _make_metrics_sink(run_dir: str):
     """A Ray Train callback (runs in the Train controller) that appends each report to metrics.jsonl,
     TensorBoard, and one log line."""
@@ -376,7 +371,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     cfg = dataclasses.replace(cfg, output=str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_resume_compatible(run_dir, cfg)
-    _write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     started = time.time()
     data = prepare_data(cfg.data, run_dir)
     needed = cfg.workers * cfg.grad_accum * cfg.batch_size
@@ -436,5 +431,5 @@ def summarize(run_dir: Path, checkpoint: str | None, wall_s: float) -> dict:
         "checkpoint": checkpoint,
         "wall_s": round(wall_s, 1),
     }
-    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
     return summary

@@ -20,6 +20,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from orchestration.errors import DataError
+from orchestration.files import write_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
 EOS = "<|endoftext|>"
@@ -57,7 +58,7 @@ class ByteTokenizer:
         return json.dumps({"memtrain_tokenizer": "bytes"})
 
     def save(self, directory: str | os.PathLike) -> None:
-        _write_atomic(Path(directory) / TOKENIZER_FILE, self.to_json())
+        write_atomic(Path(directory) / TOKENIZER_FILE, self.to_json())
 
 
 class BPETokenizer:
@@ -88,7 +89,7 @@ class BPETokenizer:
         return self._tok.to_str()
 
     def save(self, directory: str | os.PathLike) -> None:
-        _write_atomic(Path(directory) / TOKENIZER_FILE, self.to_json())
+        write_atomic(Path(directory) / TOKENIZER_FILE, self.to_json())
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
@@ -130,8 +131,3 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -12,7 +12,6 @@ Re-running into the same output resumes from the newest checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Any
 
 from orchestration.config import to_yaml
 from orchestration.errors import ConfigError
+from orchestration.files import write_atomic
 from rl.policy import export_policy
 
 log = logging.getLogger(__name__)
@@ -169,9 +169,7 @@ def train_ppo(cfg: RLTrainConfig) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     returns = [r["episode_return_mean"] for r in rows if "episode_return_mean" in r]
     summary.update(first_return=returns[0] if returns else None, final_return=returns[-1] if returns else None)
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, allow_nan=False))
-    os.replace(tmp, run_dir / "summary.json")
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
     return summary
 
 

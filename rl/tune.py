@@ -12,11 +12,9 @@ hyperparameters as ``memtrain rl train`` overrides). Re-running the same command
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 

@@ -1,7 +1,6 @@
 """Ray Train pretraining end to end on a real local cluster: loss falls, resume is exact, a dead worker recovers."""
 
 import json
-from pathlib import Path
 
 import pytest
 

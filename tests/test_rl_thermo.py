@@ -5,12 +5,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from gymnasium.utils.env_checker import check_env
 
 from orchestration.cli import main
 from orchestration.config import load_config
-from rl.envs.thermo import ThermoControllerEnv, action_from_knobs, baseline_policies, knobs_from_action
+from rl.envs.thermo import ThermoControllerEnv, baseline_policies, knobs_from_action
 from rl.errors import RLError
 from rl.policy import LearnedPolicy
 from rl.train import RLTrainConfig, train_ppo
