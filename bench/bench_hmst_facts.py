@@ -10,7 +10,7 @@ Stages (each skipped when its output already exists in --run, so a re-run only r
 
 Example::
 
-    python bench/bench_hmst_facts.py --run runs/bench-hmst-facts --steps 400
+    python bench/bench_hmst_facts.py --run runs/bench-hmst-facts
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def pretrain_model(run: Path, corpus: Path, args) -> Path:
         return out
     cfg = load_config(PretrainConfig, overrides=[
         f"model={args.model}", f"data.source={corpus}", f"data.vocab_size={args.vocab}", "data.seq_len=128",
-        f"max_steps={args.steps}", "workers=2", "batch_size=16", "lr=3e-3", "warmup_steps=30", "eval_every=100",
-        "checkpoint_every=100", "log_every=20", f"output={out}", f"seed={args.seed}"])
+        f"max_steps={args.steps}", "workers=2", "batch_size=8", "lr=3e-3", "warmup_steps=30", "eval_every=200",
+        "checkpoint_every=200", "log_every=50", f"precision={args.precision}", f"output={out}", f"seed={args.seed}"])
     pretrain(cfg)
     return out
 
@@ -105,8 +105,10 @@ def evaluate(pretrain_dir: Path, critic, seed: int, n_questions: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", default="runs/bench-hmst-facts", help="work directory (stages are cached here)")
-    parser.add_argument("--model", default="hmst-micro", help="registry preset to pretrain")
-    parser.add_argument("--steps", type=int, default=700, help="pretraining steps")
+    parser.add_argument("--model", default="hmst-tiny", help="registry preset to pretrain")
+    parser.add_argument("--steps", type=int, default=1600,
+                        help="pretraining steps of 2 x 8 sequences (copying from context appears after ~1,100-1,400)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16", help="pretraining precision")
     parser.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary size")
     parser.add_argument("--questions", type=int, default=96, help="semantic-placement questions asked per path")
     parser.add_argument("--seed", type=int, default=0)

@@ -33,8 +33,9 @@ def test_fact_world_is_deterministic_and_the_corpus_holds_only_pretraining_facts
     again = FactWorld(FactConfig(seed=0, n_entities=30))
     assert again.facts == WORLD.facts and FactWorld(FactConfig(seed=1, n_entities=30)).facts != WORLD.facts
     assert {f.placement for f in WORLD.facts} == {"semantic", "context", "pretraining"}
-    text = "\n".join(WORLD.corpus_documents(["natural text here\n"]))
-    assert "natural text here" in text and "context: " in text
+    natural = [f"natural text {i}\n" for i in range(10)]
+    text = "\n".join(WORLD.corpus_documents(natural))
+    assert sum(doc in text for doc in natural) == 2 and "context: " in text  # natural_fraction 0.2 of the docs
     assert all(f.statement() in text for f in WORLD.by_placement("pretraining"))
     hidden = WORLD.by_placement("semantic") + WORLD.by_placement("context")
     assert not any(f.entity in text for f in hidden)  # held-out entities never appear in pretraining data

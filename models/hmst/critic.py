@@ -96,8 +96,14 @@ def pack_segments(examples: list[tuple[list[int], list[int], list[int]]], max_le
     return ids_BT, segments_BT, mask_BT
 
 
+def _masked_mean(h_BTD: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    weights_BT1 = mask_BT[..., None].to(h_BTD.dtype)
+    return (h_BTD * weights_BT1).sum(dim=1) / weights_BT1.sum(dim=1).clamp_min(1.0)
+
+
 class Critic(nn.Module):
-    """Bidirectional Transformer encoder with token, position and segment embeddings; masked mean pooling."""
+    """Bidirectional Transformer encoder with token, position and segment embeddings; masked mean pooling of the
+    response and of the whole input."""
 
     def __init__(self, cfg: CriticConfig):
         super().__init__()
@@ -109,7 +115,9 @@ class Critic(nn.Module):
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.heads = nn.Linear(cfg.d_model, 2)  # correctness and confidence logits
+        # correctness and confidence logits from [mean over the response | mean over everything]: the verdict is
+        # one comparison made at the response's tokens, which a mean over the whole input dilutes
+        self.heads = nn.Linear(2 * cfg.d_model, 2)
 
     def forward(self, ids_BT: torch.Tensor, segments_BT: torch.Tensor, mask_BT: torch.Tensor) -> CriticOutput:
         B, T = ids_BT.shape
@@ -121,9 +129,9 @@ class Critic(nn.Module):
                              f"{tuple(mask_BT.shape)} must have the same shape")
         x_BTD = self.tok_emb(ids_BT) + self.pos_emb(torch.arange(T, device=ids_BT.device)) + self.seg_emb(segments_BT)
         h_BTD = self.norm(self.encoder(x_BTD, src_key_padding_mask=~mask_BT))
-        weights_BT1 = mask_BT[..., None].to(h_BTD.dtype)
-        pooled_BD = (h_BTD * weights_BT1).sum(dim=1) / weights_BT1.sum(dim=1).clamp_min(1.0)
-        logits_B2 = self.heads(pooled_BD).float()
+        pooled_B2D = torch.cat([_masked_mean(h_BTD, mask_BT & (segments_BT == RESPONSE)),
+                                _masked_mean(h_BTD, mask_BT)], dim=-1)
+        logits_B2 = self.heads(pooled_B2D).float()
         return CriticOutput(logits_B2[:, 0], logits_B2[:, 1])
 
     @staticmethod

@@ -89,6 +89,10 @@ class FactConfig:
     """Share of entities placed in (semantic, context, pretraining)."""
     copy_examples: int = 12000
     """Context-copy documents in the corpus (about fresh entities with random values)."""
+    natural_fraction: float = 0.2
+    """Share of the given natural-text documents kept in the corpus (a seeded sample). Copying from context is
+    learnt in a sudden phase change whose step grows with the natural share: with 20% of the builtin corpus,
+    hmst-micro and hmst-tiny reach it after about 1,100-1,400 steps of 16 x 128 tokens."""
     pretraining_repeats: int = 8
     """How often each pretraining-placement fact is stated (and asked) in the corpus."""
     distractors: int = 2
@@ -105,6 +109,8 @@ class FactConfig:
             raise ModelError(f"FactConfig.placement_fractions must be 3 non-negative shares of (semantic, context, "
                              f"pretraining) summing to 1, got {self.placement_fractions}")
         self.placement_fractions = fractions
+        if not 0 <= self.natural_fraction <= 1:
+            raise ModelError(f"FactConfig.natural_fraction must be in [0, 1], got {self.natural_fraction}")
         for name in ("copy_examples", "pretraining_repeats", "distractors"):
             if getattr(self, name) < 0:
                 raise ModelError(f"FactConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -152,14 +158,15 @@ class FactWorld:
         return rng.choice([v for v in ATTRIBUTES[fact.attribute] if v != fact.value])
 
     def corpus_documents(self, natural: list[str], seed: int = 0) -> list[str]:
-        """Pretraining documents: ``natural`` text + pretraining facts + context-copy examples, shuffled.
+        """Pretraining documents: a ``natural_fraction`` sample of ``natural`` + pretraining facts + context-copy
+        examples, shuffled.
 
         The semantic- and context-placement facts never appear; copy examples use freshly drawn entities (disjoint
         from the world's) with uniformly random values, so the only way to answer them is to copy from context.
         """
         cfg = self.cfg
         rng = random.Random(f"corpus-{cfg.seed}-{seed}")
-        docs = list(natural)
+        docs = rng.sample(list(natural), round(cfg.natural_fraction * len(natural)))
         known = self.by_placement("pretraining")
         for _ in range(cfg.pretraining_repeats):
             chunk = rng.sample(known, len(known))
