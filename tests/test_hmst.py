@@ -32,7 +32,9 @@ def test_forward_shapes_loss_and_stats():
     model = micro()
     ids_BT = torch.randint(0, V, (2, 12))
     out = model(ids_BT, ids_BT)
-    assert out.logits.shape == (2, 12, V)
+    assert out.logits is None  # training with targets: the fused head never builds the logits
+    with torch.no_grad():
+        assert model(ids_BT, ids_BT).logits.shape == (2, 12, V)
     assert out.loss.ndim == 0 and out.aux_loss.ndim == 0
     assert out.lm_loss.item() == pytest.approx((out.loss - out.aux_loss).item())
     for key in ("moe/balance_loss", "moe/router_entropy", "moe/dropped_frac", "hmst/exit_loss"):
@@ -89,7 +91,7 @@ def test_bf16_autocast_forward_backward():
     ids_BT = torch.randint(0, V, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(ids_BT, ids_BT)
-    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    assert torch.isfinite(out.loss)
     out.loss.backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

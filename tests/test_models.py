@@ -20,8 +20,11 @@ def test_presets_and_shapes(dense):
     assert 1_000_000 <= build_model("tgsmn-dense-tiny", vocab_size=4096).num_params() <= 5_000_000
     x_BT = torch.randint(0, V, (3, 10))
     out = dense(x_BT, x_BT)
-    assert out.logits.shape == (3, 10, V) and out.loss.ndim == 0 and out.aux_loss is None
+    assert out.logits is None and out.loss.ndim == 0 and out.aux_loss is None  # training: the fused head
     assert torch.isclose(out.lm_loss, out.loss)
+    with torch.no_grad():
+        evaluated = dense(x_BT, x_BT)
+    assert evaluated.logits.shape == (3, 10, V) and torch.isclose(evaluated.loss, out.loss, atol=1e-5)
 
 
 def test_no_future_token_leaks(dense):

@@ -49,7 +49,8 @@ def naive_experts(layer: HierarchicalSparseExperts, x_ND, expert_ids_NK, gate_NK
 def test_shapes_stats_and_loss_includes_balance():
     model = tiny()
     x, y = batch()
-    out = model(x, y)
+    with torch.no_grad():
+        out = model(x, y)  # no_grad: the unfused head, which returns the logits
     assert out.logits.shape == (2, 12, V)
     assert set(out.stats) == {"routing_entropy", "group_entropy", "expert_utilization", "dropped_frac"}
     assert 0 < float(out.stats["routing_entropy"]) <= math.log(4) + 1e-5
@@ -218,7 +219,7 @@ def test_bf16_autocast_forward_backward():
     x, y = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, y)
-    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    assert torch.isfinite(out.loss)
     out.loss.backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

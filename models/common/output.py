@@ -17,7 +17,7 @@ class LMOutput:
     hot loop never forces a device sync; the reporting code calls ``float()`` on them.
     """
 
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None when training with targets (the fused head never builds them)
     loss: torch.Tensor | None = None  # scalar: lm_loss + aux_loss, or None without targets
     aux_loss: torch.Tensor | None = None  # scalar sum of auxiliary terms, or None if the model has none
     stats: dict[str, float | torch.Tensor] = field(default_factory=dict)

@@ -16,6 +16,7 @@ from torch import nn
 
 from models.common.attention import CausalSelfAttention, KVCache, RotaryEmbedding
 from models.common.errors import ModelError
+from models.common.losses import linear_cross_entropy
 from models.common.output import LMOutput
 
 FFNOutput = tuple[torch.Tensor, torch.Tensor | None, dict]
@@ -91,6 +92,18 @@ class Block(nn.Module):
         return x_BTD + y_BTD, aux_loss, stats
 
 
+def head_and_loss(head: nn.Linear, x_BTD: torch.Tensor,
+                  targets_BT: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(logits, mean cross-entropy)`` of a bias-free head; when training (targets given, grad enabled) the loss
+    comes from the fused ``linear_cross_entropy`` and the logits are not materialised (None)."""
+    if targets_BT is not None and torch.is_grad_enabled():
+        return None, linear_cross_entropy(x_BTD.flatten(0, 1), head.weight, targets_BT.flatten())
+    logits_BTV = head(x_BTD)
+    if targets_BT is None:
+        return logits_BTV, None
+    return logits_BTV, F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten())
+
+
 class TransformerLM(nn.Module):
     """Decoder-only LM: embeddings, ``n_layers`` blocks with a pluggable FFN, final norm, (tied) head."""
 
@@ -127,12 +140,9 @@ class TransformerLM(nn.Module):
     def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> LMOutput:
         x_BTD, _, aux_loss, stats = self.run_blocks(input_ids_BT, cache)
-        logits_BTV = self.head(self.norm_out(x_BTD))
-        loss = None
-        if targets_BT is not None:
-            loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten())
-            if aux_loss is not None:
-                loss = loss + aux_loss
+        logits_BTV, loss = head_and_loss(self.head, self.norm_out(x_BTD), targets_BT)
+        if loss is not None and aux_loss is not None:
+            loss = loss + aux_loss
         return LMOutput(logits=logits_BTV, loss=loss, aux_loss=aux_loss, stats=stats)
 
     def run_blocks(self, input_ids_BT: torch.Tensor, cache: KVCache | None = None, n_blocks: int | None = None,

@@ -29,14 +29,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.common.attention import KVCache
 from models.common.errors import ModelError
 from models.common.moe import MoELayer
 from models.common.output import LMOutput
-from models.common.transformer import TransformerConfig, TransformerLM
+from models.common.transformer import TransformerConfig, TransformerLM, head_and_loss
 
 
 @dataclass
@@ -128,19 +127,15 @@ class HMSTLM(TransformerLM):
         n_blocks = cfg.exit_layer if exit_early else cfg.n_layers
         x_BTD, exit_BTD, aux_loss, stats = self.run_blocks(input_ids_BT, cache, n_blocks, capture_after=cfg.exit_layer)
 
-        if exit_early:
-            logits_BTV = self.head(self.norm_exit(x_BTD))
-        else:
-            logits_BTV = self.head(self.norm_out(x_BTD))
+        logits_BTV, loss = head_and_loss(self.head, (self.norm_exit if exit_early else self.norm_out)(x_BTD),
+                                         targets_BT)
         if targets_BT is None:
             return LMOutput(logits=logits_BTV, aux_loss=aux_loss, stats=stats)
 
-        loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten())
         if cfg.exit_layer and not exit_early and cfg.exit_loss_weight > 0:
             every = cfg.exit_loss_every
-            exit_logits_BSV = self.head(self.norm_exit(exit_BTD[:, every - 1::every]))
-            exit_loss = F.cross_entropy(exit_logits_BSV.flatten(0, 1).float(),
-                                        targets_BT[:, every - 1::every].flatten())
+            _, exit_loss = head_and_loss(self.head, self.norm_exit(exit_BTD[:, every - 1::every]),
+                                         targets_BT[:, every - 1::every])
             aux_loss = aux_loss + cfg.exit_loss_weight * exit_loss
             stats["hmst/exit_loss"] = exit_loss.detach()
         return LMOutput(logits=logits_BTV, loss=loss + aux_loss, aux_loss=aux_loss, stats=stats)

@@ -1,0 +1,40 @@
+"""The fused LM head + cross-entropy against the unfused reference: values, gradients, ignored targets, bf16."""
+
+import torch
+import torch.nn.functional as F
+
+from models.common import losses
+from models.common.losses import IGNORE_INDEX, linear_cross_entropy
+
+
+def reference_and_fused(h_ND, w_VD, y_N, **autocast):
+    results = []
+    for fn in (lambda h, w: F.cross_entropy((h @ w.T).float(), y_N), lambda h, w: linear_cross_entropy(h, w, y_N)):
+        h, w = h_ND.clone().requires_grad_(), w_VD.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(autocast)):
+            loss = fn(h, w)
+        (2.0 * loss).backward()  # a non-unit upstream gradient
+        results.append((loss.detach(), h.grad, w.grad))
+    return results
+
+
+def test_fused_loss_and_gradients_equal_the_reference_across_chunks(monkeypatch):
+    torch.manual_seed(0)
+    h_ND, w_VD, y_N = torch.randn(37, 16), torch.randn(50, 16), torch.randint(0, 50, (37,))
+    y_N[[3, 20]] = IGNORE_INDEX
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 50 * 8)  # 8 rows per chunk: 5 chunks, the last one short
+    (ref, ref_h, ref_w), (fused, fused_h, fused_w) = reference_and_fused(h_ND, w_VD, y_N)
+    torch.testing.assert_close(fused, ref)
+    torch.testing.assert_close(fused_h, ref_h)
+    torch.testing.assert_close(fused_w, ref_w)
+    assert fused_h[[3, 20]].abs().max() == 0  # ignored targets add no gradient
+
+
+def test_fused_loss_under_bf16_autocast_stays_close_to_the_reference():
+    torch.manual_seed(0)
+    h_ND, w_VD, y_N = torch.randn(64, 32), 0.2 * torch.randn(100, 32), torch.randint(0, 100, (64,))
+    (ref, ref_h, ref_w), (fused, fused_h, fused_w) = reference_and_fused(h_ND, w_VD, y_N, autocast=True)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, ref, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(fused_h, ref_h, atol=2e-3, rtol=5e-2)
+    torch.testing.assert_close(fused_w, ref_w, atol=2e-3, rtol=5e-2)
