@@ -207,3 +207,15 @@ def dict_to_ssm(**fields):
     from models.common.ssm import SSMConfig
 
     return SSMConfig(d_state=8, head_dim=16, n_layers=1, **fields)
+
+
+def test_a_memory_filled_by_another_embedder_is_recognised():
+    engine = make_engine()
+    assert engine.foreign_semantic_memory() is None  # empty
+    engine.fill_semantic(["the color of Bavik is red."], [{"source": "test"}])
+    assert engine.foreign_semantic_memory() is None
+    _, metadata = engine.semantic_memory.get([0])[0]
+    assert metadata == {"source": "test", "embedder": engine.embedder.signature}
+    other = HMSTEngine(engine.model, ByteTokenizer(), semantic_memory=engine.semantic_memory,
+                       embedder=LexicalEmbedder(ByteTokenizer(), vocab_size=256, dim=128, seed=1))
+    assert other.foreign_semantic_memory() == engine.embedder.signature

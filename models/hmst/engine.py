@@ -42,6 +42,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -194,6 +195,8 @@ class LexicalEmbedder:
             raise ModelError(f"LexicalEmbedder needs vocab_size >= 1 and dim >= 1, got {vocab_size} and {dim}")
         self.tokenizer = tokenizer
         self.dim = dim
+        # which embedder filled a memory: vectors of another tokenizer or seed are meaningless to this one
+        self.signature = hashlib.sha1(f"{tokenizer.to_json()}|{vocab_size}|{dim}|{seed}".encode()).hexdigest()[:12]
         generator = torch.Generator().manual_seed(seed)
         self.table_VD = F.normalize(torch.randn(vocab_size, dim, generator=generator), dim=-1)
 
@@ -282,11 +285,23 @@ class HMSTEngine:
         return self._default_session.ask(query, decisions)
 
     def fill_semantic(self, texts: list[str], metadata: list[dict | None] | None = None) -> int:
-        """Embed ``texts`` with the engine's embedder and add them to the semantic memory; returns how many."""
+        """Embed ``texts`` with the engine's embedder and add them to the semantic memory; returns how many.
+
+        Each entry's metadata records the embedder's ``signature`` (see ``foreign_semantic_memory``)."""
         if self.semantic_memory is None:
             raise ModelError("this engine has no semantic memory; pass semantic_memory= to HMSTEngine")
+        metadata = [{**(m or {}), "embedder": self.embedder.signature} for m in (metadata or [None] * len(texts))]
         ids = self.semantic_memory.add(self.embedder.embed(texts), list(texts), metadata)
         return len(ids)
+
+    def foreign_semantic_memory(self) -> str | None:
+        """The embedder signature a non-empty semantic memory was filled with, when it is not this engine's (its
+        vectors would then be searched with unrelated queries); None when they match or the memory is empty."""
+        if not self.semantic_count():
+            return None
+        hits = self.semantic_memory.search(self.embedder.embed(["probe"]), 1)
+        found = (hits.metadata[0][0] or {}).get("embedder")
+        return None if found == self.embedder.signature else str(found)
 
     def semantic_count(self) -> int:
         return 0 if self.semantic_memory is None else int(self.semantic_memory.stats()["count"])

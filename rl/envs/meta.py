@@ -45,6 +45,7 @@ from models.hmst.meta_controller import STATE_FEATURES
 from orchestration.config import from_dict
 from rl.errors import RLError
 
+QUERY_PROJECTION_SEED = 0
 PROBE_PROMPT_TOKENS = 64  # prompt length of the reference answer that normalises the cost
 
 
@@ -87,7 +88,8 @@ class MetaEnvConfig:
     verify_threshold: float = 0.5
     """Critic correctness below which the engine falls back (re-answers with retrieval)."""
     seed: int = 0
-    """Seed of the random model/critic (when not loaded) and of the query projection."""
+    """Seed of the random model/critic (when not loaded). The query projection does not depend on it: it is part of
+    the observation's definition, so a policy trained on one seed reads the same features on held-out seeds."""
 
     def __post_init__(self):
         if self.memory not in ("actor", "local"):
@@ -189,13 +191,18 @@ class MetaControllerEnv(gym.Env):
         cfg = self.cfg
         engine = load_env_engine(cfg, semantic_memory=None)
         engine.semantic_memory = self._semantic_memory(engine.embedder.dim)
+        foreign = engine.foreign_semantic_memory()
+        if foreign:
+            raise RLError(f"the semantic memory {cfg.memory_name!r} holds vectors of another tokenizer/embedder "
+                          f"({foreign}, this checkpoint's is {engine.embedder.signature}); give env_config.memory_name "
+                          f"and memory_path of a fresh memory, or delete {cfg.memory_path or '~/.cache/memtrain/memory/' + cfg.memory_name}")
         if engine.semantic_count() == 0:
             facts = self.world.by_placement("semantic")
             engine.fill_semantic([f.statement() for f in facts],
                                  [{"source": "facts", "seed": cfg.fact_seed, "entity": f.entity,
                                    "filled_by_pid": os.getpid()} for f in facts])
         self.engine = engine
-        rng = np.random.default_rng(cfg.seed)
+        rng = np.random.default_rng(QUERY_PROJECTION_SEED)
         self._projection_DQ = rng.standard_normal((engine.embedder.dim, cfg.query_dims)).astype(np.float32)
         full = lm_forward_flops(engine.model, engine.model.cfg.n_layers, PROBE_PROMPT_TOKENS, 0) \
             + cfg.max_new_tokens * lm_forward_flops(engine.model, engine.model.cfg.n_layers, 1, PROBE_PROMPT_TOKENS)
