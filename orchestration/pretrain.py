@@ -10,7 +10,9 @@ or from Python::
     >>> summary = pretrain(cfg)                                                           # doctest: +SKIP
 
 Re-running with the same ``output`` resumes from its newest checkpoint (same data position, optimizer and
-schedule), so raising ``max_steps`` continues a finished run.
+schedule), so raising ``max_steps`` continues a finished run. ``init_checkpoint=runs/x`` starts a new run
+directory from another run's checkpoint with this config's hyperparameters (PBT sweeps hand checkpoints over
+between trials this way).
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from orchestration.checkpoint import (TrainerState, config_differences, load_optimizer_state,
-                                      load_training_checkpoint, read_yaml, save_training_checkpoint)
+from orchestration.checkpoint import (TRAINER_STATE_FILE, TrainerState, config_differences, find_checkpoint,
+                                      load_optimizer_state, load_training_checkpoint, read_yaml,
+                                      save_training_checkpoint)
 from orchestration.config import ConfigError, from_dict, to_yaml
 from orchestration.data import DataConfig, PreparedData, TokenWindows, WindowOrder, prepare_data
-from orchestration.errors import DataError
+from orchestration.errors import CheckpointError, DataError
 from orchestration.files import write_atomic
 from orchestration.flops import measure_matmul_peak
 
@@ -106,6 +109,11 @@ class PretrainConfig:
     """Worker-group restarts Ray Train may do after a worker dies (each restarts from the newest checkpoint)."""
     fail_at_step: int = 0
     """Reliability drill: the last worker's process exits at this step, once per run directory (0 = never)."""
+    init_checkpoint: str = ""
+    """Start a new run from this checkpoint (a checkpoint directory, or a run directory for its newest one): its
+    weights, optimizer state (if loadable) and trainer state (step counter, data position) carry over, while this
+    config's hyperparameters (lr, weight_decay, betas, max_steps, ...) apply from there on. The model and
+    tokenizer must match it. Ignored once the run directory holds checkpoints of its own (a resume). "" = none."""
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16"):
@@ -136,6 +144,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: PretrainConfig) -> None:
+    """Loaded optimizer state brings the saved run's betas and weight decay; this run's config decides them."""
+    decay, no_decay = optimizer.param_groups
+    decay["weight_decay"], no_decay["weight_decay"] = cfg.weight_decay, 0.0
+    for group in optimizer.param_groups:
+        group["betas"] = (cfg.beta1, cfg.beta2)
 
 
 class _Reducer:
@@ -194,17 +210,27 @@ def train_worker(loop_config: dict) -> None:
     model = build_model(cfg.model, **{**cfg.model_overrides, "vocab_size": data.vocab_size})
     state = TrainerState()
     checkpoint = ray.train.get_checkpoint()
-    resume_dir = checkpoint.to_directory(tempfile.mkdtemp(prefix="memtrain-resume-")) if checkpoint else None
-    if resume_dir:
-        state = load_training_checkpoint(resume_dir, model)
+    # the run's own newest checkpoint (a resume) wins over init_checkpoint (where a new run starts)
+    start_dir = (checkpoint.to_directory(tempfile.mkdtemp(prefix="memtrain-resume-")) if checkpoint
+                 else cfg.init_checkpoint or None)
+    if start_dir:
+        state = load_training_checkpoint(start_dir, model)
         if rank == 0:
-            print(f"resumed from step {state.step} (data position {state.samples:,} windows)", flush=True)
+            origin = "resumed from" if checkpoint else f"initialised from {start_dir} at"
+            print(f"{origin} step {state.step} (data position {state.samples:,} windows)", flush=True)
     raw_model = model
     model = ray.train.torch.prepare_model(model)  # moves to device; DDP when world > 1
     optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), foreach=True)
-    if resume_dir:
-        load_optimizer_state(resume_dir, optimizer)
+    if start_dir:
+        try:
+            load_optimizer_state(start_dir, optimizer)
+        except CheckpointError:
+            if checkpoint:
+                raise
+            if rank == 0:
+                print(f"the optimizer state in {start_dir} cannot be loaded; the optimizer starts fresh", flush=True)
+        apply_hyperparameters(optimizer, cfg)
 
     train, val = TokenWindows(data.train_path, cfg.data.seq_len), TokenWindows(data.val_path, cfg.data.seq_len)
     order = WindowOrder(train.n_windows, cfg.seed)
@@ -344,14 +370,46 @@ def _make_metrics_sink(run_dir: str):
     return MetricsSink()
 
 
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether the run directory holds checkpoints of its own (then a run resumes from them)."""
+    return any((run_dir / CHECKPOINTS_DIR).glob(f"step_*/{TRAINER_STATE_FILE}"))
+
+
+def resolve_init_checkpoint(cfg: PretrainConfig, data: PreparedData) -> tuple[str, int]:
+    """The checkpoint directory that ``cfg.init_checkpoint`` names and its step, checked against this run's model
+    and tokenizer."""
+    from models.io import read_model_spec
+    from models.registry import model_config
+    from orchestration.tokenizers import TOKENIZER_FILE, load_tokenizer
+
+    try:
+        ckpt = find_checkpoint(Path(cfg.init_checkpoint).expanduser()).resolve()
+    except CheckpointError as exc:
+        raise CheckpointError(f"init_checkpoint: {exc}") from None
+    if not (ckpt / TRAINER_STATE_FILE).is_file():
+        raise CheckpointError(f"init_checkpoint {ckpt} has no {TRAINER_STATE_FILE}, so it is not a training "
+                              "checkpoint; point at a run directory or checkpoints/step_* of memtrain pretrain")
+    name, saved = read_model_spec(ckpt)
+    wanted = json.loads(json.dumps(dataclasses.asdict(
+        model_config(cfg.model, **{**cfg.model_overrides, "vocab_size": data.vocab_size}))))
+    diffs = [f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in wanted.items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"init_checkpoint {ckpt} holds a different model ({name}: {'; '.join(diffs)}); set "
+                              "model and model_overrides to match it")
+    saved_tokenizer = ckpt / TOKENIZER_FILE
+    if saved_tokenizer.is_file() and (load_tokenizer(saved_tokenizer).to_json()
+                                      != load_tokenizer(data.tokenizer_path).to_json()):
+        raise CheckpointError(f"init_checkpoint {ckpt} was trained with another tokenizer than this run's; reuse it "
+                              f"with data.tokenizer={saved_tokenizer}")
+    return str(ckpt), int(json.loads((ckpt / TRAINER_STATE_FILE).read_text())["step"])
+
+
 def _check_resume_compatible(run_dir: Path, cfg: PretrainConfig) -> None:
     saved_path = run_dir / "config.yaml"
     if not (run_dir / CHECKPOINTS_DIR).is_dir() or not saved_path.is_file():
         return
     diffs = config_differences(read_yaml(saved_path), dataclasses.asdict(cfg), RESUME_KEYS)
     if diffs:
-        from orchestration.errors import CheckpointError
-
         raise CheckpointError(f"{run_dir} holds a run with different settings, so it cannot be resumed: "
                               f"{'; '.join(diffs)}. Use the same settings, or a new --output directory")
 
@@ -371,7 +429,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
     cfg = dataclasses.replace(cfg, output=str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_resume_compatible(run_dir, cfg)
-    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     started = time.time()
     data = prepare_data(cfg.data, run_dir)
     needed = cfg.workers * cfg.grad_accum * cfg.batch_size
@@ -383,6 +440,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if (data.n_tokens["validation"] - 1) // cfg.data.seq_len < 1:
         raise DataError(f"the validation split has fewer than {cfg.data.seq_len + 1} tokens; lower data.seq_len or "
                         "raise data.val_fraction")
+    if cfg.init_checkpoint and has_checkpoints(run_dir):
+        log.info("%s holds checkpoints, so the run resumes from them and init_checkpoint is not used", run_dir)
+    elif cfg.init_checkpoint:
+        path, step = resolve_init_checkpoint(cfg, data)
+        if step >= cfg.max_steps:
+            raise ConfigError(f"init_checkpoint {path} is at step {step} and the step counter continues from it, so "
+                              f"max_steps={cfg.max_steps} leaves nothing to train; raise max_steps")
+        cfg = dataclasses.replace(cfg, init_checkpoint=path)
+    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     ensure_ray()
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}

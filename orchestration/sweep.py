@@ -1,10 +1,18 @@
 """Hyperparameter sweeps with Ray Tune over pretraining runs (``memtrain sweep FILE.yaml``).
 
 Each trial is a real Ray Train pretraining run: a light Tune function (0.01 CPU) builds and fits a
-``TorchTrainer`` running :func:`orchestration.pretrain.train_worker`, and a ``TuneReportCallback`` forwards the
-workers' evaluations to Tune (the Train v2 + Tune pattern of ray-notes §3; ``Tuner(TorchTrainer)`` does not work
-under Train v2). Every trial directory is an ordinary pretraining run directory (config.yaml, metrics.jsonl,
-tensorboard/, checkpoints/), so ``memtrain report`` and ``memtrain pretrain --output`` work on it.
+``TorchTrainer`` running :func:`orchestration.pretrain.train_worker`, and a Train callback hands the workers'
+evaluations to the Tune function, which reports them to Tune (the Train v2 + Tune pattern of ray-notes §3;
+``Tuner(TorchTrainer)`` does not work under Train v2). Every trial directory is an ordinary pretraining run
+directory (config.yaml, metrics.jsonl, tensorboard/, checkpoints/), so ``memtrain report`` and
+``memtrain pretrain --output`` work on it.
+
+Schedulers: ASHA stops the worse trials early, FIFO runs them all, and PBT (population based training) makes the
+worse trials continue from the better trials' checkpoints with perturbed hyperparameters. For PBT each trial
+reports, at every perturbation point, its newest Train checkpoint as a Tune checkpoint (Tune copies it into the
+trial's directory under ``tune/``, so it outlives Ray Train's ``keep_checkpoints``); a trial that PBT restarts with
+another trial's checkpoint drops its own checkpoints and continues from that one (``init_checkpoint``) at its step,
+with the mutated hyperparameters. Tune logs every exploit in ``tune/pbt_global.txt``.
 
 Example::
 
@@ -33,20 +41,24 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import os
 import shutil
 import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
+from orchestration.checkpoint import TRAINER_STATE_FILE, read_yaml
 from orchestration.config import _valid_keys, from_dict, load_config, to_yaml
 from orchestration.errors import ConfigError, MemtrainError
-from orchestration.pretrain import CHECKPOINTS_DIR, PretrainConfig
+from orchestration.files import write_atomic
+from orchestration.pretrain import CHECKPOINTS_DIR, RESUME_KEYS, PretrainConfig, has_checkpoints, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +71,41 @@ SEARCH_TYPES = ("choice", "grid", "uniform", "loguniform")
 @dataclass
 class SchedulerConfig:
     name: str = "asha"
-    """asha (stop the worse trials at step milestones; ASHA of Li et al.) or fifo (run every trial to the end)."""
+    """asha (stop the worse trials at step milestones; ASHA of Li et al.), fifo (run every trial to the end) or
+    pbt (population based training of Jaderberg et al.: the worse trials continue from the better trials'
+    checkpoints with perturbed hyperparameters)."""
     grace_period: int = 0
     """ASHA: steps every trial runs before it can be stopped (0 = the pretraining eval_every)."""
     reduction_factor: float = 2.0
     """ASHA: only the best 1/reduction_factor of the trials at a milestone go on to the next one."""
     brackets: int = 1
     """ASHA: number of brackets (different grace periods); 1 is the usual choice."""
+    perturbation_interval: int = 0
+    """PBT: steps between a trial's exploit/explore decisions, a multiple of pretrain.eval_every and
+    pretrain.checkpoint_every (0 = their least common multiple). At each one the trial's checkpoint is copied into
+    the Tune directory (every copy is kept, so that any of them can be handed to another trial)."""
+    quantile_fraction: float = 0.25
+    """PBT: at a decision, a trial in the worst quantile_fraction of the population continues from the checkpoint
+    of one in the best quantile_fraction (at most 0.5; with 2 trials, one copies the other)."""
+    resample_probability: float = 0.25
+    """PBT: chance that an explored hyperparameter is drawn afresh from the search space instead of perturbed
+    (x0.8 or x1.2 for a range; the neighbouring value for choice and grid)."""
+    synch: bool = False
+    """PBT: decide for all trials at once, when every one has reached the perturbation point (trials that are
+    ahead pause and wait). The default decides for each trial as it arrives, comparing it with the others' latest
+    evaluations, so trials that do not overlap in time (one finished before another started) never exchange."""
 
     def __post_init__(self):
-        if self.name == "pbt":
-            raise ConfigError("scheduler.name=pbt is not available for pretraining sweeps yet: it needs a trial to "
-                              "start from another trial's checkpoint, which the pretraining worker cannot do yet; "
-                              "use asha or fifo")
-        if self.name not in ("asha", "fifo"):
-            raise ConfigError(f"scheduler.name must be asha or fifo, got {self.name!r}")
+        if self.name not in ("asha", "fifo", "pbt"):
+            raise ConfigError(f"scheduler.name must be asha, fifo or pbt, got {self.name!r}")
         if self.grace_period < 0 or self.reduction_factor <= 1 or self.brackets < 1:
             raise ConfigError("scheduler needs grace_period >= 0, reduction_factor > 1 and brackets >= 1, got "
                               f"{self.grace_period}, {self.reduction_factor}, {self.brackets}")
+        if self.perturbation_interval < 0 or not 0 < self.quantile_fraction <= 0.5 \
+                or not 0 <= self.resample_probability <= 1:
+            raise ConfigError("scheduler needs perturbation_interval >= 0, 0 < quantile_fraction <= 0.5 and "
+                              f"0 <= resample_probability <= 1, got {self.perturbation_interval}, "
+                              f"{self.quantile_fraction}, {self.resample_probability}")
 
 
 @dataclass
@@ -126,6 +155,35 @@ class SweepConfig:
             raise ConfigError("the search space is empty; add e.g. search: {lr: {loguniform: [1.0e-4, 1.0e-2]}}")
         for key, spec in self.search.items():
             _check_spec(key, spec)
+        if self.scheduler.name == "pbt":
+            _check_pbt(self)
+        kind = TRIAL_KINDS[self.kind]
+        if self.scheduler.name == "asha" and kind.grace(self) > kind.max_t(self):
+            raise ConfigError(f"scheduler.grace_period={kind.grace(self)} is beyond the {kind.max_t(self)} steps the "
+                              "trials train; lower it (ASHA stops trials only after it) or raise pretrain.max_steps")
+
+
+# settings every PBT trial must share: a checkpoint carries over only to the same model, data and batch layout,
+# and the evaluation and checkpoint steps fix where PBT decides
+_PBT_FIXED = {*RESUME_KEYS, "init_checkpoint", "eval_every", "checkpoint_every"}
+
+
+def _pbt_interval(cfg: SweepConfig) -> int:
+    p = cfg.pretrain
+    return cfg.scheduler.perturbation_interval or math.lcm(p.eval_every, p.checkpoint_every)
+
+
+def _check_pbt(cfg: SweepConfig) -> None:
+    for key in cfg.search:
+        if key in _PBT_FIXED or key.startswith(("model_overrides.", "data.")):
+            raise ConfigError(f"search key {key!r} cannot be searched with scheduler.name=pbt: PBT hands a trial's "
+                              f"checkpoint to trials with other values, so {key} must be the same in every trial; "
+                              "set it in the pretrain section (or use scheduler.name=asha or fifo)")
+    p, interval = cfg.pretrain, _pbt_interval(cfg)
+    if interval % p.eval_every or interval % p.checkpoint_every:
+        raise ConfigError(f"scheduler.perturbation_interval={interval} must be a multiple of pretrain.eval_every "
+                          f"({p.eval_every}) and pretrain.checkpoint_every ({p.checkpoint_every}): PBT decides at "
+                          "evaluations and hands over checkpoints; use a common multiple, or 0 for the least one")
 
 
 def _check_spec(key: str, spec) -> None:
@@ -214,15 +272,19 @@ def planned_trials(cfg: SweepConfig) -> int:
 
 # --- one trial: a Ray Train pretraining run inside a Tune function ----------------------------------------------
 
-def _make_tune_forwarder(metric: str, earlier: dict):
-    """A TuneReportCallback that forwards the reports holding the metric (evaluations) and the final one, merged
-    with the newest figures of the run (``earlier``: what a resumed run reported before): Tune then always sees
-    the metric it ranks on, once per evaluation, and learns that a resumed run had already finished."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+_TRAIN_CHECKPOINT = "train_checkpoint"  # forwarded row key: a Train checkpoint to report as a Tune checkpoint
 
-    class ForwardEvaluations(TuneReportCallback):
+
+def _make_tune_forwarder(metric: str, earlier: dict, channel, checkpoint_every: int):
+    """A Ray Train callback (it runs in the Train controller) that puts the reports holding the metric
+    (evaluations) and the final one on ``channel`` for the trial's Tune function, merged with the newest figures of
+    the run (``earlier``: what a resumed run reported before): Tune then always sees the metric it ranks on, once
+    per evaluation, and learns that a resumed run had already finished. Reports at multiples of
+    ``checkpoint_every`` steps (0 = none) before the end carry their Train checkpoint's path for PBT."""
+    import ray.train
+
+    class ForwardEvaluations(ray.train.UserCallback):
         def __init__(self):
-            super().__init__()
             self.latest = dict(earlier)
 
         def after_report(self, run_context, metrics, checkpoint):
@@ -231,9 +293,61 @@ def _make_tune_forwarder(metric: str, earlier: dict):
                 row = dict(self.latest)
                 # the worker's "done" flag would end the Tune trial while Ray Train is still saving its last state
                 row["finished"] = bool(row.pop("done", False))
-                super().after_report(run_context, [row], checkpoint)
+                if checkpoint and checkpoint_every and row["step"] % checkpoint_every == 0 and not row["finished"]:
+                    row[_TRAIN_CHECKPOINT] = checkpoint.path
+                channel.put(row)
 
     return ForwardEvaluations()
+
+
+def _fit_and_report(trainer, channel) -> None:
+    """Fit the trainer in a thread and report the forwarded rows to Tune from this thread, the trial's, where
+    ``tune.report`` can attach a checkpoint (Ray's TuneReportCallback forwards metrics only)."""
+    from ray import tune
+    from ray.util.queue import Empty
+
+    failure: list[BaseException] = []
+
+    def fit():
+        try:
+            trainer.fit()
+        except BaseException as exc:  # re-raised in the trial's thread, where Tune sees it
+            failure.append(exc)
+
+    thread = threading.Thread(target=fit, name="memtrain-fit", daemon=True)
+    thread.start()
+    while thread.is_alive() or not channel.empty():
+        try:
+            row = channel.get(timeout=1.0)
+        except Empty:
+            continue
+        path = row.pop(_TRAIN_CHECKPOINT, None)
+        tune.report(row, checkpoint=tune.Checkpoint.from_directory(path) if path else None)
+    if failure:
+        raise failure[0]
+
+
+def _continue_from_tune_checkpoint(run_dir: Path, trial: PretrainConfig, params: dict) -> PretrainConfig:
+    """Where a trial starts when Tune restarts it with a Tune checkpoint (only PBT sweeps report them). Its own
+    checkpoint (PBT paused it), or one it already continues from (the sweep was restored): Ray Train resumes from
+    the trial's newest checkpoint. Another trial's (PBT's exploit): the trial drops its own checkpoints and later
+    metrics and continues from that checkpoint, at its step, with the mutated hyperparameters."""
+    from ray import tune
+
+    handed = tune.get_checkpoint()
+    if handed is None:
+        return trial
+    source = str(Path(handed.path))
+    saved = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
+    own = read_yaml(Path(source) / "config.yaml").get("output") == str(run_dir)
+    if has_checkpoints(run_dir) and (own or saved.get("init_checkpoint") == source):
+        return dataclasses.replace(trial, init_checkpoint=saved.get("init_checkpoint", ""))
+    step = json.loads((Path(source) / TRAINER_STATE_FILE).read_text())["step"]
+    shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
+    kept = [row for row in read_metrics(run_dir) if row["step"] <= step]
+    write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in kept))
+    print(f"[memtrain] trial {run_dir.name} continues from {source} (step {step}) with {params}", flush=True)
+    return dataclasses.replace(trial, init_checkpoint=source)
 
 
 # settings of the data section that change the token shards (seq_len only changes how they are cut into windows)
@@ -267,22 +381,28 @@ def run_pretrain_trial(params: dict, *, sweep: dict, shared_data: dict, sweep_di
     from ray import tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
 
-    from orchestration.pretrain import _make_metrics_sink, read_metrics, train_worker
+    from orchestration.pretrain import _make_metrics_sink, resolve_init_checkpoint, train_worker
 
     cfg = from_dict(SweepConfig, sweep)
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(sweep_dir) / TRIALS_DIR / trial_id
     run_dir.mkdir(parents=True, exist_ok=True)
     trial = dataclasses.replace(trial_config(cfg.pretrain, params), output=str(run_dir))
-    (run_dir / "config.yaml").write_text(to_yaml(trial))
     data = _prepare_trial_data(trial, run_dir, shared_data, cfg.pretrain)
     _check_enough_windows(trial, data)
+    trial = _continue_from_tune_checkpoint(run_dir, trial, params)
+    if trial.init_checkpoint and not has_checkpoints(run_dir):
+        trial = dataclasses.replace(trial, init_checkpoint=resolve_init_checkpoint(trial, data)[0])
+    (run_dir / "config.yaml").write_text(to_yaml(trial))
     use_gpu = trial.gpus_per_worker > 0
     resources = {"CPU": trial.cpus_per_worker, **({"GPU": trial.gpus_per_worker} if use_gpu else {})}
     earlier = {k: v for row in read_metrics(run_dir) for k, v in row.items() if k != "checkpoint"}
+    channel = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    tune_checkpoint_every = _pbt_interval(cfg) if cfg.scheduler.name == "pbt" else 0
     # Same Train run name and storage as `memtrain pretrain`: a restored trial resumes from its newest checkpoint
-    TorchTrainer(
+    trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": dataclasses.asdict(trial), "data": dataclasses.asdict(data)},
         scaling_config=ScalingConfig(num_workers=trial.workers, use_gpu=use_gpu, resources_per_worker=resources),
@@ -293,10 +413,12 @@ def run_pretrain_trial(params: dict, *, sweep: dict, shared_data: dict, sweep_di
             # a bounded controller_failure_limit: a worker group that cannot start fails the trial, not hangs it
             failure_config=FailureConfig(max_failures=trial.max_failures,
                                          controller_failure_limit=cfg.trial_start_retries),
-            callbacks=[_make_metrics_sink(str(run_dir)), _make_tune_forwarder(cfg.metric, earlier)],
+            callbacks=[_make_metrics_sink(str(run_dir)),
+                       _make_tune_forwarder(cfg.metric, earlier, channel, tune_checkpoint_every)],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-    ).fit()
+    )
+    _fit_and_report(trainer, channel)
 
 
 @dataclass(frozen=True)
@@ -320,11 +442,22 @@ TRIAL_KINDS: dict[str, TrialKind] = {
 # --- the sweep --------------------------------------------------------------------------------------------------
 
 def _scheduler(cfg: SweepConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     if cfg.scheduler.name == "fifo":
         return FIFOScheduler()
     kind = TRIAL_KINDS[cfg.kind]
+    if cfg.scheduler.name == "pbt":
+        # PBT explores the search space itself: lists for choice and grid, distributions for ranges
+        explore = {"choice": list, "grid": list, "uniform": lambda v: tune.uniform(*v),
+                   "loguniform": lambda v: tune.loguniform(*v)}
+        mutations = {key: explore[dist](values) for key, spec in cfg.search.items() for dist, values in spec.items()}
+        return PopulationBasedTraining(time_attr=kind.time_attr, perturbation_interval=_pbt_interval(cfg),
+                                       hyperparam_mutations=mutations,
+                                       quantile_fraction=cfg.scheduler.quantile_fraction,
+                                       resample_probability=cfg.scheduler.resample_probability,
+                                       synch=cfg.scheduler.synch)
     return ASHAScheduler(time_attr=kind.time_attr, max_t=kind.max_t(cfg), grace_period=kind.grace(cfg),
                          reduction_factor=cfg.scheduler.reduction_factor, brackets=cfg.scheduler.brackets)
 
@@ -426,6 +559,9 @@ def sweep(cfg: SweepConfig) -> list[dict]:
         callbacks = [_interrupt_callback(sweep_dir, cfg.interrupt_after_trials)] if cfg.interrupt_after_trials else []
         log.info("sweep of %d trial(s), %d at a time, each reserving %s", planned_trials(cfg), concurrency,
                  _trial_resources(cfg))
+        if cfg.scheduler.name == "pbt" and planned_trials(cfg) > concurrency:
+            log.warning("PBT compares the trials that run at the same time, but only %d of the %d trials fit at once; "
+                        "lower num_samples or the resources per trial", concurrency, planned_trials(cfg))
         tuner = tune.Tuner(
             trainable, param_space=tune_space(cfg.search),
             tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples,
@@ -530,7 +666,7 @@ def _cmd_sweep(args) -> None:
 def register(subparsers) -> None:
     """Add ``memtrain sweep FILE.yaml [key=value ...]`` to the CLI's sub-commands."""
     p = subparsers.add_parser(
-        "sweep", help="hyperparameter sweep with Ray Tune (ASHA) over pretraining runs; resumes when re-run",
+        "sweep", help="hyperparameter sweep with Ray Tune (ASHA, PBT) over pretraining runs; resumes when re-run",
         description="Run a Ray Tune sweep described by FILE.yaml (presets in configs/sweeps/). Re-running on the "
                     "same output directory resumes an interrupted sweep.")
     p.add_argument("file", metavar="FILE.yaml", help="sweep config (see configs/sweeps/)")

@@ -7,7 +7,7 @@ import pytest
 from orchestration.checkpoint import find_checkpoint, load_training_checkpoint
 from orchestration.cli import main
 from orchestration.config import load_config
-from orchestration.errors import CheckpointError
+from orchestration.errors import CheckpointError, ConfigError
 from orchestration.pretrain import PretrainConfig, pretrain, read_metrics
 
 WORKERS, BATCH, SEQ = 2, 8, 32
@@ -59,6 +59,29 @@ def test_resumed_run_continues_from_saved_step_and_data_position(uninterrupted, 
     assert trainer_state(tmp_path)["samples"] == 30 * SAMPLES_PER_STEP
     # same data, optimizer state and schedule: the resumed run ends where the uninterrupted one did
     assert second["final_eval_loss"] == pytest.approx(reference["final_eval_loss"], abs=1e-4)
+
+
+def test_new_run_from_init_checkpoint_continues_its_step_optimizer_and_data(uninterrupted, tmp_path, shard_cache):
+    out, reference = uninterrupted
+    summary = pretrain(small(tmp_path, shard_cache, "max_steps=30", f"init_checkpoint={out}/checkpoints/step_000020"))
+    assert [r["step"] for r in read_metrics(tmp_path)] == [25, 30]  # the step counter went on from 20
+    assert trainer_state(tmp_path)["samples"] == 30 * SAMPLES_PER_STEP
+    # weights, optimizer state, data position and schedule all carried over: the uninterrupted run's result
+    assert summary["final_eval_loss"] == pytest.approx(reference["final_eval_loss"], abs=1e-4)
+    assert load_config(PretrainConfig, tmp_path / "config.yaml").init_checkpoint == str(
+        out / "checkpoints" / "step_000020")
+
+
+def test_init_checkpoint_mismatches_are_refused_before_training(uninterrupted, tmp_path, shard_cache):
+    out, _ = uninterrupted
+    with pytest.raises(CheckpointError, match=r"holds a different model \(tgsmn-dense-tiny: n_layers 2 there, 3 here\)"):
+        pretrain(small(tmp_path / "a", shard_cache, "max_steps=40", f"init_checkpoint={out}", "model_overrides.n_layers=3"))
+    with pytest.raises(CheckpointError, match=r"another tokenizer .* data.tokenizer=.*tokenizer.json"):
+        pretrain(small(tmp_path / "b", shard_cache, "max_steps=40", f"init_checkpoint={out}", "data.max_documents=500"))
+    with pytest.raises(ConfigError, match=r"at step 30 .* max_steps=30 leaves nothing to train"):
+        pretrain(small(tmp_path / "c", shard_cache, "max_steps=30", f"init_checkpoint={out}"))
+    with pytest.raises(CheckpointError, match=r"init_checkpoint: no checkpoint found"):
+        pretrain(small(tmp_path / "d", shard_cache, f"init_checkpoint={tmp_path / 'missing'}"))
 
 
 def test_dead_worker_recovers_from_last_checkpoint(ray_session, tmp_path, shard_cache):

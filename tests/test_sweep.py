@@ -1,6 +1,9 @@
-"""Ray Tune sweeps over pretraining: config checks, and a real sweep that is interrupted and then restored."""
+"""Ray Tune sweeps over pretraining: config checks, a real sweep that is interrupted and then restored, and a PBT
+sweep whose worse trial continues from the better trial's checkpoint."""
 
 import csv
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -8,17 +11,31 @@ import pytest
 from orchestration.config import load_config
 from orchestration.errors import ConfigError
 from orchestration.pretrain import PretrainConfig, read_metrics
-from orchestration.sweep import SweepConfig, planned_trials, sweep, trial_config, tune_space
+from orchestration.sweep import SweepConfig, _scheduler, planned_trials, sweep, trial_config, tune_space
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "pretrain-lr.yaml"
+PBT_PRESET = PRESET.with_name("pretrain-pbt.yaml")
 
 
 def test_preset_loads_and_plans_four_trials():
     cfg = load_config(SweepConfig, PRESET)
     assert cfg.kind == "pretrain" and cfg.pretrain.model == "tgsmn-dense-tiny" and planned_trials(cfg) == 4
     assert set(tune_space(cfg.search)) == {"lr"}
-    cfg = load_config(SweepConfig, PRESET, ["num_samples=2", "pretrain.max_steps=40"])
-    assert planned_trials(cfg) == 8 and cfg.pretrain.max_steps == 40
+    cfg = load_config(SweepConfig, PRESET, ["num_samples=2", "pretrain.max_steps=400"])
+    assert planned_trials(cfg) == 8 and cfg.pretrain.max_steps == 400
+
+
+def test_pbt_preset_explores_its_search_space_at_checkpoint_steps():
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    cfg = load_config(SweepConfig, PBT_PRESET)
+    assert planned_trials(cfg) == 4 and cfg.max_concurrent_trials == 4
+    pbt = _scheduler(cfg)
+    assert isinstance(pbt, PopulationBasedTraining) and pbt._perturbation_interval == 50
+    assert pbt._hyperparam_mutations["weight_decay"] == [0.0, 0.05, 0.1, 0.2]
+    # 0 = the least common multiple of the evaluation and checkpoint steps
+    assert _scheduler(load_config(SweepConfig, PBT_PRESET, ["scheduler.perturbation_interval=0",
+                                                            "pretrain.eval_every=20"]))._perturbation_interval == 100
 
 
 def test_trial_config_puts_nested_params_in_and_checks_them():
@@ -34,8 +51,14 @@ def test_trial_config_puts_nested_params_in_and_checks_them():
     (["search.weight_decay={uniform: [1.0e-2, 1.0e-3]}"], r"low < high"),
     (["search.lr={uniform: [1.0e-4, 1.0e-3]}"], r"search.lr has several kinds \(grid, uniform\); give exactly one"),
     (["search.lr={grid: []}"], r"search.lr.grid needs a non-empty list"),
-    (["scheduler.name=pbt"], r"pbt is not available .* use asha or fifo"),
-    (["scheduler.name=hyperband"], r"scheduler.name must be asha or fifo"),
+    (["scheduler.name=hyperband"], r"scheduler.name must be asha, fifo or pbt"),
+    (["scheduler.name=pbt", "search.batch_size={grid: [8, 16]}"],
+     r"search key 'batch_size' cannot be searched with scheduler.name=pbt: .* set it in the pretrain section"),
+    (["scheduler.name=pbt", 'search={"model_overrides.d_model": {grid: [64, 128]}}'], r"'model_overrides.d_model' cannot"),
+    (["scheduler.name=pbt", "scheduler.perturbation_interval=30"],
+     r"perturbation_interval=30 must be a multiple of pretrain.eval_every \(25\) and pretrain.checkpoint_every \(50\)"),
+    (["scheduler.quantile_fraction=0.75"], r"0 < quantile_fraction <= 0.5"),
+    (["pretrain.max_steps=20"], r"scheduler.grace_period=50 is beyond the 20 steps the trials train; lower it"),
     (["driver_cpus=0"], r"driver_cpus must be > 0"),
     (["mode=lowest"], r"mode must be min or max"),
     (["kind=ppo"], r"kind must be one of pretrain"),
@@ -111,3 +134,35 @@ def test_two_trial_fifo_sweep_ranks_trials_and_writes_results(ray_session, tmp_p
         run = Path(row["run_dir"])
         assert read_metrics(run)[-1]["step"] == 10 and (run / "checkpoints").is_dir()
         assert (run / "tokenizer.json").read_text() == (out / "tokenizer.json").read_text()
+
+
+@pytest.mark.slow
+def test_pbt_worse_trial_continues_from_the_better_trials_checkpoint(ray_session, tmp_path):
+    """Two 8-step trials at once (0.5 CPU workers), learning rates 100x apart, one synchronous PBT decision at step
+    5 (asynchronous PBT might see no overlap: a trial's 8 steps take less time than another's start-up)."""
+    out = tmp_path / "pbt"
+    cfg = load_config(SweepConfig, PBT_PRESET, [
+        f"output={out}", "num_samples=1", "max_concurrent_trials=2", "scheduler.perturbation_interval=5",
+        "scheduler.synch=true",
+        f"pretrain.data.cache_dir={tmp_path / 'shards'}", "pretrain.data.vocab_size=512", "pretrain.data.seq_len=32",
+        "pretrain.data.max_documents=600", "pretrain.model_overrides.n_layers=2",
+        "pretrain.model_overrides.d_model=64", "pretrain.model_overrides.d_ff=128", "pretrain.batch_size=8",
+        "pretrain.max_steps=8", "pretrain.warmup_steps=5", "pretrain.eval_every=5", "pretrain.eval_batches=2",
+        "pretrain.log_every=5", "pretrain.checkpoint_every=5"])
+    rows = sweep(dataclasses.replace(cfg, search={"lr": {"grid": [1e-4, 1e-2]}}))
+    assert [r["status"] for r in rows] == ["completed", "completed"] and all(r["step"] == 8 for r in rows)
+    assert len((out / "tune" / "pbt_global.txt").read_text().splitlines()) == 1  # Tune's log of each exploit
+    # the worse trial at step 5 continued from the better one's checkpoint (and may end up ranked first)
+    configs = {r["run_dir"]: load_config(PretrainConfig, Path(r["run_dir"]) / "config.yaml") for r in rows}
+    [(run, trial)] = [(Path(d), c) for d, c in configs.items() if c.init_checkpoint]
+    assert trial.lr == next(r["lr"] for r in rows if r["run_dir"] == str(run))  # PBT's explored lr reached it
+    source = Path(trial.init_checkpoint)  # a Tune checkpoint: a copy of the better trial's step-5 checkpoint
+    assert out / "tune" in source.parents
+    assert load_config(PretrainConfig, source / "config.yaml").output in configs.keys() - {str(run)}
+    assert json.loads((source / "trainer_state.json").read_text())["step"] == 5
+    # it went on from step 5: its checkpoints and metrics from its own first steps past 5 are gone, and the data
+    # position ran on from the better trial's
+    assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_000008"]
+    assert json.loads((run / "checkpoints" / "step_000008" / "trainer_state.json").read_text())["samples"] == 8 * 8
+    steps = [r["step"] for r in read_metrics(run)]
+    assert steps == sorted(set(steps)) and steps[-1] == 8
