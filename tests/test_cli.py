@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from models.hmst.facts import FactConfig, FactWorld
 from orchestration.cli import build_parser, main
 
 COMMANDS = [name for name in build_parser()._subparsers._group_actions[0].choices]
@@ -38,6 +39,12 @@ def test_pipeline_quick_profile_writes_report_and_resumes(ray_session, tmp_path,
     assert summary["pretrain"]["final_eval_loss"] < summary["pretrain"]["first_eval_loss"]
     assert (tmp_path / "report.md").read_text().startswith("# memtrain pipeline report")
     assert (tmp_path / "plots" / "pretrain_loss.png").stat().st_size > 1000
+    semantic_facts = FactWorld(FactConfig(n_entities=30)).by_placement("semantic")  # the quick profile's world
+    assert summary["memory"]["count"] == len(semantic_facts) and summary["memory"]["recall_at_1"] > 0.8
+    assert {row["policy"] for row in summary["meta_eval"]} == {"learned", "all_on", "all_off", "retrieval_only",
+                                                                 "random"}
+    for png in ("memory_latency.png", "meta_returns.png", "thermo_returns.png"):
+        assert (tmp_path / "plots" / png).stat().st_size > 1000
     with caplog.at_level(logging.INFO, logger="orchestration.pipeline"):
         assert main(argv) == 0  # a second run skips the finished pretraining stage
     assert "pretraining already finished at step 30" in caplog.text
