@@ -49,7 +49,7 @@ def matmul_probe(dtype: torch.dtype, n: int = 2048, reps: int = 3):
 def bench_training(repeats: int) -> list[str]:
     torch.manual_seed(0)
     model = build_model(SHAPE)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, foreach=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
     ids_BT = torch.randint(0, model.cfg.vocab_size, (8, 129))
     inputs_BT, targets_BT = ids_BT[:, :-1], ids_BT[:, 1:]
 

@@ -42,7 +42,7 @@ def plain_loop(cfg: PretrainConfig, steps: int) -> float:
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab_size=data.vocab_size, **cfg.model_overrides)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            foreach=True)
+                            fused=True)
     windows = TokenWindows(data.train_path, SEQ)
     order = WindowOrder(windows.n_windows, 0)
     times = []

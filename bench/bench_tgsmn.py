@@ -97,7 +97,7 @@ def bench_step(reps: int) -> None:
                 block.ffn.__class__ = PerTokenGatherExperts
         if hasattr(model, "set_routing"):
             model.set_routing(2, 0.3, 1.0)  # the source's fixed controller
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, foreach=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
 
         def step():
             out = model(x_BT, y_BT)

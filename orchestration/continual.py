@@ -220,7 +220,7 @@ class ContinualRunner:
         self.model = build_model(cfg.model, **{**cfg.model_overrides, "vocab_size": self.stream.vocab_size})
         self.model.train()
         self.sparse = hasattr(self.model, "set_routing")
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, foreach=True)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, fused=True)
         self.buffer = ReplayBuffer(cfg.replay_capacity, cfg.data.seq_len + 1)
         self.ewc = EWC(self.model, cfg.ewc_lambda, cfg.ewc_gamma)
         self.rng = np.random.default_rng([self.seed, 1])  # replay decisions, buffer sampling, reservoir slots
