@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from models.io import load_model, save_model
 from models.registry import build_model, model_config
 from models.thl import THLConfig, THLForSequenceClassification, THLModel
 from models.thl.layered import LayeredEngine
+from models.thl.recurrence import RECURRENCE_ENV
 
 # small enough that every test runs in well under a second or two
 SMALL = dict(vocab_size=64, d_embed=32, tier_dims=(32, 32, 32), tier_timescales=(1, 4, 16), local_window=8,
@@ -136,6 +138,40 @@ def test_window_gradients_match_finite_differences_for_every_parameter(overrides
                 down = loss().item()
                 param[index] = old
             assert abs((up - down) / 2e-6 - param.grad[index].item()) < 1e-7, name
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(straight_through=True),
+    dict(tier_dims=(32, 24), tier_timescales=(1, 3), blend_threshold=2.0, write_clip=0.3),
+    dict(tier_dims=(32,), tier_timescales=(1,)),
+])
+def test_cpp_loops_match_pytorch_loops(overrides, monkeypatch):
+    # recurrence.cpp against the PyTorch reference loops: same weights, same Gumbel noise, a window that starts
+    # mid-stream; float32 outputs, records, final state and every parameter's gradient
+    ids = torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(2))
+    runs = []
+    for implementation in ("python", "cpp"):  # cpp: fail rather than fall back if the build fails
+        monkeypatch.setenv(RECURRENCE_ENV, implementation)
+        model = small_model(**overrides).train()
+        state = model.new_state(3)
+        with torch.no_grad():
+            model.step(ids[:, :7], state)
+        torch.manual_seed(1)
+        out = model(ids[:, 7:], ids[:, 7:], state=state)
+        out.loss.backward()
+        runs.append((out, state, {name: p.grad for name, p in model.named_parameters()}))
+    (ref, ref_state, ref_grads), (cpp, cpp_state, cpp_grads) = runs
+    torch.testing.assert_close(cpp.logits, ref.logits)
+    torch.testing.assert_close(cpp.loss, ref.loss)
+    for key in ref.stats:
+        torch.testing.assert_close(cpp.stats[key], ref.stats[key], msg=key)
+    for a, b in zip(cpp_state.tensors(), ref_state.tensors()):
+        torch.testing.assert_close(a, b)
+    assert (cpp_state.pos, cpp_state.scale) == (ref_state.pos, ref_state.scale)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(cpp_grads[name], grad, msg=name)
 
 
 def test_write_gate_can_suppress_writes():

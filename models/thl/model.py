@@ -77,7 +77,8 @@ class LocalAttention(nn.Module):
 
 class TierCell(nn.Module):
     """A GRU tier's weights: input side (its pre-activation may be partly computed by the caller, so parts of it
-    can be batched) and hidden side. The step itself is ``torch.gru_cell`` in ``recurrence.py``."""
+    can be batched) and hidden side. The step itself (torch.gru_cell's update) is in ``recurrence.py`` and
+    ``recurrence.cpp``."""
 
     def __init__(self, d_in: int, d: int, input_bias: bool):
         super().__init__()
