@@ -218,7 +218,7 @@ class MemoryWriter(nn.Module):
 def gumbel_noise(shape, scale: float, device, dtype) -> torch.Tensor:
     """Gumbel(0, 1) samples times ``scale`` (the perturbation that makes top-k a sample, Kool et al. 2019)."""
     u = torch.rand(shape, device=device, dtype=dtype).clamp_(1e-9, 1.0 - 1e-9)
-    return -torch.log(-torch.log(u)) * scale
+    return u.log_().neg_().log_().mul_(-scale)  # -log(-log u) scale, in place: this is T x B x H x J values
 
 
 def load_balance_loss(alpha_NK: torch.Tensor, idx_NK: torch.Tensor, num_slots: int) -> torch.Tensor:
