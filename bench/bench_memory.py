@@ -157,14 +157,15 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--recovery-n", type=int, default=1_000_000, help="vectors in the recovery benchmark (0 skips it)")
     parser.add_argument("--threads", type=int, default=2, help="FAISS threads, in-process and in the actor")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--out", default=None, help="write a markdown report here")
     args = parser.parse_args()
 
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE,
+    # address="local": always a private cluster, never one that other work on this machine is using.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE,
              object_store_memory=1024**3)
     workdir = tempfile.mkdtemp(prefix="bench-memory-")
     try:
@@ -203,8 +204,8 @@ def write_report(args, rows, adds, lat, noop, load, rec) -> None:
         "```",
         "",
         f"Data: {args.n:,} x {args.dim} clustered float32, metric l2, k=10, FAISS threads {args.threads} on both sides. "
-        f"Batches under {SMALL_BATCH} queries run FAISS on one thread on both sides. In-process = raw `faiss` search on the actor's own snapshot file; actor = `MemoryClient.search` (Ray call, "
-        f"texts and metadata fetched from SQLite). Median of {args.repeats} interleaved repeats.",
+        f"Batches under {SMALL_BATCH} queries run FAISS on one thread on both sides. In-process = raw `faiss` search on the actor's own snapshot file; actor = `MemoryClient.search` (Ray call; "
+        f"texts and metadata from the store's in-memory mirror, sent as compact `PackedHits` and expanded by the client). Median of {args.repeats} interleaved repeats.",
         "",
         "| index | batch | in-process q/s | actor q/s | actor / in-process |",
         "|---|---|---|---|---|",

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import time
 
+import faiss
 import numpy as np
 
 from memory_service.config import STRUCTURAL_FIELDS, MemoryConfig
 from memory_service.errors import MemoryServiceError
-from memory_service.local import LocalMemory, SearchHits
+from memory_service.local import LocalMemory, PackedHits, SearchHits
 
 DEFAULT_NAMESPACE = "memtrain"
 
@@ -24,13 +25,18 @@ class MemoryActor:
     """Actor body: one LocalMemory in the actor's process (wrapped with ray.remote at creation)."""
 
     def __init__(self, config: dict) -> None:
+        # faiss's Python wrapper installs a Ctrl-C callback that long FAISS calls poll, taking the GIL each time; in
+        # a threaded actor every other Python thread (calls being (de)serialized, concurrent writers) then stalls
+        # each search by up to a GIL switch interval (measured: a 6 ms IVF search took 340 ms beside one busy
+        # thread). Nobody presses Ctrl-C in an actor, so drop the callback for this process.
+        faiss.InterruptCallback.clear_instance()
         self._memory = LocalMemory(MemoryConfig.from_dict(config))
 
     def add(self, vectors_ND: np.ndarray, texts: list[str], metadata: list[dict | None] | None) -> np.ndarray:
         return self._memory.add(vectors_ND, texts, metadata)
 
-    def search(self, queries_QD: np.ndarray, k: int) -> SearchHits:
-        return self._memory.search(queries_QD, k)
+    def search_packed(self, queries_QD: np.ndarray, k: int) -> PackedHits:
+        return self._memory.search_packed(queries_QD, k)
 
     def remove(self, ids: np.ndarray) -> int:
         return self._memory.remove(ids)
@@ -115,8 +121,8 @@ class MemoryClient:
         return self._call("add", vectors_ND, texts, metadata, write=True)
 
     def search(self, queries_QD: np.ndarray, k: int = 10) -> SearchHits:
-        """See LocalMemory.search."""
-        return self._call("search", queries_QD, k)
+        """See LocalMemory.search. The actor sends the compact PackedHits; they are expanded here."""
+        return self._call("search_packed", queries_QD, k).unpack()
 
     def remove(self, ids: np.ndarray | list[int]) -> int:
         """See LocalMemory.remove."""

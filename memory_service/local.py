@@ -35,7 +35,7 @@ import numpy as np
 from memory_service.config import STRUCTURAL_FIELDS, MemoryConfig
 from memory_service.errors import MemoryServiceError
 from memory_service.index import VectorIndex
-from memory_service.store import Store
+from memory_service.store import Store, object_array
 from memory_service.validation import check_ids, check_k, check_metadata, check_texts, check_vectors
 
 
@@ -68,6 +68,48 @@ class SearchHits(NamedTuple):
         """The real hits of query q (padding dropped)."""
         return [Hit(int(i), float(s), t, m) for i, s, t, m in
                 zip(self.ids_QK[q], self.scores_QK[q], self.texts[q], self.metadata[q]) if i >= 0]
+
+
+class PackedHits(NamedTuple):
+    """SearchHits in the compact form the actor sends: numbers as one bytes buffer, texts as nested lists of str, and
+    metadata as the JSON of the hits that have some. Bytes and lists of str go through Ray's in-band pickle, which
+    for results this small is cheaper than out-of-band numpy buffers, and the client decodes all metadata with one
+    json.loads call."""
+
+    shape: tuple[int, int]  # (Q, K)
+    numbers: bytes  # little-endian ids_QK int64, scores_QK float32, then int32 flat positions of the hits in metas
+    texts: list[list[str | None]]
+    metas: list[str]  # metadata JSON of the hits that have metadata, in flat hit order
+
+    @classmethod
+    def pack(cls, ids_QK: np.ndarray, scores_QK: np.ndarray, texts_QK: np.ndarray, metas_QK: np.ndarray) -> PackedHits:
+        at_M = np.flatnonzero(metas_QK.ravel() != None)  # noqa: E711 (elementwise on an object array)
+        numbers = b"".join([ids_QK.astype("<i8", copy=False).tobytes(), scores_QK.astype("<f4", copy=False).tobytes(),
+                            at_M.astype("<i4").tobytes()])
+        return cls(ids_QK.shape, numbers, texts_QK.tolist(), metas_QK.ravel()[at_M].tolist())
+
+    def unpack(self) -> SearchHits:
+        n = self.shape[0] * self.shape[1]
+        ids_QK = np.frombuffer(self.numbers, "<i8", n).reshape(self.shape).astype(np.int64)  # copies: writable
+        scores_QK = np.frombuffer(self.numbers, "<f4", n, 8 * n).reshape(self.shape).astype(np.float32)
+        metadata_H = np.full(n, None)
+        if self.metas:
+            metadata_H[np.frombuffer(self.numbers, "<i4", len(self.metas), 12 * n)] = _decode_json(self.metas)
+        return SearchHits(ids_QK, scores_QK, self.texts, metadata_H.reshape(self.shape).tolist())
+
+
+def _decode_json(metas: list[str]) -> np.ndarray:
+    """Object array of fresh metadata dicts from their JSON texts, in one json.loads call."""
+    return object_array(json.loads("[" + ",".join(metas) + "]"))
+
+
+def _decode_metadata(metas: np.ndarray) -> np.ndarray:
+    """Object array (any shape) of metadata JSON or None -> the same with dicts."""
+    decoded = np.full(metas.shape, None)
+    has = metas != None  # noqa: E711 (elementwise on an object array)
+    if has.any():
+        decoded[has] = _decode_json(metas[has].tolist())
+    return decoded
 
 
 class _ReadWriteLock:
@@ -303,6 +345,15 @@ class LocalMemory:
     # ----- reads --------------------------------------------------------------------------------------
     def search(self, queries_QD: np.ndarray, k: int = 10) -> SearchHits:
         """The k nearest entries of each query: ids, scores, texts and metadata, best first."""
+        ids_QK, scores_QK, texts_QK, metas_QK = self._search(queries_QD, k)
+        return SearchHits(ids_QK, scores_QK, texts_QK.tolist(), _decode_metadata(metas_QK).tolist())
+
+    def search_packed(self, queries_QD: np.ndarray, k: int = 10) -> PackedHits:
+        """search() in its compact form (what the actor sends back): PackedHits.unpack() gives the SearchHits."""
+        return PackedHits.pack(*self._search(queries_QD, k))
+
+    def _search(self, queries_QD: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids_QK, scores_QK, texts_QK, metas_QK): object arrays of texts and metadata JSON, None for padding."""
         queries_QD = check_vectors(queries_QD, self.config.dim, "queries", self.config.metric == "cosine")
         k = check_k(k)
         # OpenMP's thread count is per calling thread, so set it on every call (actor calls arrive on pool
@@ -312,32 +363,27 @@ class LocalMemory:
         with self._rw.read():
             self._check_open()
             scores_QK, ids_QK = self._index.search(queries_QD, k)
-            found_QK = ids_QK >= 0
-            unique_U = np.unique(ids_QK[found_QK])
-            rows = self._store.fetch(unique_U)
-            if len(rows) != unique_U.size:
-                missing = sorted(set(unique_U.tolist()) - set(rows))[:10]
+            texts_QK, metas_QK, found_QK = self._store.rows(ids_QK)
+            real_QK = ids_QK >= 0
+            if not np.array_equal(found_QK, real_QK):
+                missing = np.unique(ids_QK[real_QK & ~found_QK])[:10].tolist()
                 raise MemoryServiceError(f"ids {missing} are in the index but not in the store; the memory directory "
                                          "is inconsistent — call restore() or restore the directory from a backup")
-            self._last_used_I[unique_U] = next(self._ticks)
+            self._last_used_I[ids_QK[real_QK]] = next(self._ticks)
         with self._counter_lock:
             self._searches += queries_QD.shape[0]
-        scores_QK = np.where(found_QK, scores_QK, np.float32(np.nan))
-        decoded = {i: (text, None if meta is None else json.loads(meta)) for i, (text, meta) in rows.items()}
-        empty = (None, None)
-        entries = [[decoded.get(i, empty) for i in row] for row in ids_QK.tolist()]
-        return SearchHits(ids_QK, scores_QK, [[e[0] for e in row] for row in entries], [[e[1] for e in row] for row in entries])
+        return ids_QK, np.where(real_QK, scores_QK, np.float32(np.nan)), texts_QK, metas_QK
 
     def get(self, ids: np.ndarray | list[int]) -> list[tuple[str, dict | None]]:
         """(text, metadata) of each id, in order; refuses unknown ids."""
         ids_N = check_ids(ids)
         with self._rw.read():
             self._check_open()
-            rows = self._store.fetch(ids_N)
-        unknown = [i for i in ids_N.tolist() if i not in rows]
-        if unknown:
-            raise MemoryServiceError(f"unknown id(s) {unknown[:10]}: never added, or removed or evicted")
-        return [(rows[i][0], None if rows[i][1] is None else json.loads(rows[i][1])) for i in ids_N.tolist()]
+            texts_N, metas_N, found_N = self._store.rows(ids_N)
+        if not found_N.all():
+            unknown = ids_N[~found_N]
+            raise MemoryServiceError(f"unknown id(s) {unknown[:10].tolist()}: never added, or removed or evicted")
+        return list(zip(texts_N.tolist(), _decode_metadata(metas_N).tolist()))
 
     def stats(self) -> dict:
         """Counts, index state and durability figures, as a JSON-able dict."""

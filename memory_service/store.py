@@ -13,6 +13,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,6 +29,21 @@ CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 COUNTERS = ("next_id", "snapshot_seq", "evicted_total", "removed_total")
 
 
+class _Mirror(NamedTuple):
+    """Committed rows indexed by id, so searches gather texts and metadata with numpy instead of per-hit Python."""
+
+    known_I: np.ndarray  # bool: slot i holds the committed row of id i
+    text_I: np.ndarray  # object: str
+    meta_I: np.ndarray  # object: metadata JSON str or None
+
+
+def object_array(values: list) -> np.ndarray:
+    """A 1-D object array of these Python objects (np.array would make a list of str a fixed-width str array)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
 class Store:
     """SQLite-backed entries + write-ahead log. Writes come from one thread at a time (the caller's writer lock);
     reads use one connection per thread so concurrent searches do not share a cursor."""
@@ -40,10 +56,12 @@ class Store:
         self._readers_lock = threading.Lock()
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
-        # id -> (text, metadata JSON) of entries read or written since open: searches skip SQLite for them. It
-        # only ever mirrors committed rows (filled after a commit or from a read), and writes, which pop or add
-        # rows, never run during reads (the caller's writer lock excludes searches).
-        self._cache: dict[int, tuple[str, str | None]] = {}
+        # The rows read or written since open, indexed by id: searches skip SQLite for them. It only ever holds
+        # committed rows (filled after a commit or from a read). Fills and growth take _mirror_lock; readers take
+        # no lock: they read one _Mirror tuple (growth swaps in a new one) and set slots in the order text, meta,
+        # known. Forgetting rows (removals) runs only while the caller excludes reads.
+        self._mirror = _Mirror(np.zeros(1024, bool), np.full(1024, None), np.full(1024, None))  # never empty
+        self._mirror_lock = threading.Lock()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -99,7 +117,7 @@ class Store:
                                  (ids_N.astype("<i8").tobytes(), vectors_ND.astype("<f4").tobytes()))
             self._set_counters(counters)
         self._forget(victims_V)
-        self._cache.update(zip(ids_N.tolist(), zip(texts, metas)))
+        self._remember(ids_N, object_array(texts), object_array(metas))
 
     def write_remove(self, ids_N: np.ndarray, counters: dict[str, int]) -> None:
         with self._transaction():
@@ -108,9 +126,28 @@ class Store:
             self._set_counters(counters)
         self._forget(ids_N)
 
+    def _remember(self, ids_N: np.ndarray, texts_N: np.ndarray, metas_N: np.ndarray) -> None:
+        if not ids_N.size:
+            return
+        with self._mirror_lock:
+            mirror = self._mirror
+            needed = int(ids_N.max()) + 1
+            if needed > mirror.known_I.size:
+                extra = max(needed, 2 * mirror.known_I.size) - mirror.known_I.size
+                mirror = self._mirror = _Mirror(np.concatenate([mirror.known_I, np.zeros(extra, bool)]),
+                                                np.concatenate([mirror.text_I, np.full(extra, None)]),
+                                                np.concatenate([mirror.meta_I, np.full(extra, None)]))
+            mirror.text_I[ids_N] = texts_N
+            mirror.meta_I[ids_N] = metas_N
+            mirror.known_I[ids_N] = True
+
     def _forget(self, ids_N: np.ndarray) -> None:
-        for i in ids_N.tolist():
-            self._cache.pop(i, None)
+        with self._mirror_lock:
+            mirror = self._mirror
+            ids_N = ids_N[ids_N < mirror.known_I.size]
+            mirror.known_I[ids_N] = False
+            mirror.text_I[ids_N] = None
+            mirror.meta_I[ids_N] = None
 
     def mark_snapshot(self, seq: int) -> None:
         """The snapshot file for `seq` is on disk: drop the log it covers."""
@@ -138,19 +175,28 @@ class Store:
             raise
 
     # ----- reads --------------------------------------------------------------------------------------
-    def fetch(self, ids_U: np.ndarray) -> dict[int, tuple[str, str | None]]:
-        """id -> (text, metadata JSON or None) for the given unique ids."""
-        cache = self._cache
-        found = {i: cache[i] for i in ids_U.tolist() if i in cache}
-        missing = [i for i in ids_U.tolist() if i not in found]
-        if missing:
-            # The ids are int64 values from our own index, so inlining them is safe, and about 2x faster than
-            # binding hundreds of parameters.
-            id_list = ",".join(map(str, missing))
-            rows = self._reader().execute(f"SELECT id, text, meta FROM entries WHERE id IN ({id_list})").fetchall()
-            for row in rows:
-                found[row[0]] = cache[row[0]] = (row[1], row[2])
-        return found
+    def rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(texts, metas, found) for an int64 id array of any shape (repeats and -1 allowed): object arrays of text and
+        metadata JSON (None where there is none, or where found is False because the store has no such id)."""
+        texts, metas, found = self._gather(ids)
+        missing = ~found & (ids >= 0)
+        if missing.any():
+            # The ids are int64 values (ours, or checked by the caller), so inlining them is safe, and about 2x
+            # faster than binding hundreds of parameters.
+            id_list = ",".join(map(str, np.unique(ids[missing]).tolist()))
+            fetched = self._reader().execute(f"SELECT id, text, meta FROM entries WHERE id IN ({id_list})").fetchall()
+            if fetched:
+                self._remember(np.fromiter((row[0] for row in fetched), np.int64, len(fetched)),
+                               object_array([row[1] for row in fetched]), object_array([row[2] for row in fetched]))
+                texts, metas, found = self._gather(ids)
+        return texts, metas, found
+
+    def _gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        mirror = self._mirror
+        found = (ids >= 0) & (ids < mirror.known_I.size)
+        slots = np.where(found, ids, 0)
+        found &= mirror.known_I[slots]
+        return np.where(found, mirror.text_I[slots], None), np.where(found, mirror.meta_I[slots], None), found
 
     def live_ids(self) -> np.ndarray:
         rows = self._writer.execute("SELECT id FROM entries ORDER BY id").fetchall()

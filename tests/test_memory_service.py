@@ -87,6 +87,25 @@ def recall_at_k(found_QK: np.ndarray, truth_QK: np.ndarray) -> float:
 
 
 # ----- search quality -------------------------------------------------------------------------------------------
+def test_hits_carry_texts_metadata_and_padding_exactly(backend, tmp_path):
+    # Mixed metadata (dicts and None), non-ASCII and separator-like texts, and k above the entry count, so rows
+    # end in padding (id -1, NaN score, None text and metadata).
+    mem = backend.open(MemoryConfig(dim=4, index="flat", metric="l2", path=str(tmp_path)))
+    texts = ["plain", "naïve ☃ text", "", "with\nnewline, \"quotes\" and \x00"]
+    metadata = [{"a": [1, 2]}, None, {"nested": {"b": "ü"}}, None]
+    mem.add(np.eye(4, dtype=np.float32), texts, metadata)
+    hits = mem.search(np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0]], k=6)
+    assert hits.ids_QK.shape == hits.scores_QK.shape == (5, 6)
+    for q, own in enumerate([0, 1, 2, 3, 0]):
+        assert hits.ids_QK[q, 0] == own and hits.texts[q][0] == texts[own] and hits.metadata[q][0] == metadata[own]
+        assert hits.ids_QK[q, 4:].tolist() == [-1, -1] and np.isnan(hits.scores_QK[q, 4:]).all()
+        assert hits.texts[q][4:] == [None, None] and hits.metadata[q][4:] == [None, None]
+        assert [hits.texts[q][j] for j in range(4)] == [texts[i] for i in hits.ids_QK[q, :4]]
+    hits.metadata[0][0]["a"].append(3)  # every hit gets its own dict: editing one changes no other
+    assert hits.metadata[4][0] == {"a": [1, 2]}
+    assert mem.get([0]) == [("plain", {"a": [1, 2]})]
+
+
 @pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
 def test_flat_equals_numpy_brute_force(backend, tmp_path, metric):
     rng = np.random.default_rng(0)
