@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from orchestration.allocator import keep_freed_memory
 from orchestration.config import load_config
 from orchestration.continual import ContinualConfig, ContinualRunner
 from orchestration.continual_control import Knobs
@@ -40,6 +41,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as every training process of memtrain does (orchestration/allocator.py)
     cfg = load_config(ContinualConfig, overrides=[
         f"model={args.model}", f"data.source={args.data}", f"data.seq_len={args.seq_len}",
         f"batch_size={args.batch_size}", f"control_interval={args.interval}", "stream.n_tasks=2",

@@ -37,6 +37,7 @@ from models.common.sampling import SamplingConfig, generate  # noqa: E402
 from models.common.ssm import chunked_scan, sequential_scan  # noqa: E402
 from models.common.transformer import MLP  # noqa: E402
 from models.registry import build_model  # noqa: E402
+from orchestration.allocator import keep_freed_memory  # noqa: E402
 
 SHAPE = "hmst-source-tiny"
 
@@ -171,6 +172,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["train", "moe", "ssm", "decode"], help="run one section")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    keep_freed_memory()  # as every training process of memtrain does (orchestration/allocator.py)
     load = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average at start {load:.1f}\n")
     sections = {"train": bench_training, "moe": bench_moe_layer, "ssm": bench_ssm, "decode": bench_decode}

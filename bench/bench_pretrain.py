@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from models.registry import build_model
+from orchestration.allocator import keep_freed_memory
 from orchestration.config import load_config
 from orchestration.data import TokenWindows, WindowOrder, prepare_data
 from orchestration.flops import measure_matmul_peak
@@ -69,6 +70,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
+    keep_freed_memory()  # as every training process of memtrain does (orchestration/allocator.py)
     from orchestration.ray_utils import ensure_ray
 
     ensure_ray()

@@ -30,6 +30,7 @@ from torch import nn
 from models.common.transformer import MLP
 from models.registry import build_model
 from models.tgsmn.sparse import HierarchicalSparseExperts, RoutingKnobs, SparseLMConfig
+from orchestration.allocator import keep_freed_memory
 
 SOURCE_STEP_TOKENS_PER_S = {"dense": 5_600, "sparse": 1_900}  # spec §6.2, quiet host
 ACCEPT_SPARSE_TOKENS_PER_S = 5_700  # issue 5: at least 3x the source's sparse step
@@ -135,6 +136,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as every training process of memtrain does (orchestration/allocator.py)
     print(f"torch {torch.__version__}, {args.threads} threads, load average at start "
           f"{os.getloadavg()[0]:.2f}")
     bench_layer(args.layer_reps)

@@ -46,6 +46,7 @@ from models.io import save_model  # noqa: E402
 from models.registry import build_model  # noqa: E402
 from models.thl.layered import UNITS, LayeredEngine  # noqa: E402
 from models.thl.recurrence import RECURRENCE_ENV  # noqa: E402
+from orchestration.allocator import keep_freed_memory  # noqa: E402
 
 SOURCE_TRAIN_TOKS = 540.0  # spec §4, quiet re-measurement
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -248,6 +249,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=7, help="timed training steps per variant and thread count")
     parser.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    keep_freed_memory()  # as every training process of memtrain does (orchestration/allocator.py)
     if args.rss_child:
         return rss_child(args.rss_child)
     torch.set_num_threads(2)

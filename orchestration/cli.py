@@ -13,6 +13,7 @@ import sys
 
 from memory_service import MemoryServiceError
 from models.common.errors import ModelError
+from orchestration.allocator import keep_freed_memory
 from orchestration.errors import MemtrainError
 
 log = logging.getLogger("memtrain")
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    keep_freed_memory()  # commands that train in this process (critic, memory encoder, continual) reuse memory
     try:
         args.func(args)
     except (MemtrainError, ModelError, MemoryServiceError) as exc:

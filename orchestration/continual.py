@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from orchestration.allocator import keep_freed_memory
 from orchestration.checkpoint import config_differences, read_yaml
 from orchestration.config import load_config, to_yaml
 from orchestration.continual_control import Controller, Knobs, Signals, resolve_controller
@@ -200,6 +201,7 @@ class ContinualRunner:
 
     def __init__(self, cfg: ContinualConfig, stream: TaskStream | None = None):
         self.cfg = cfg
+        keep_freed_memory()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.stream = stream or build_stream(cfg.stream, cfg.data)

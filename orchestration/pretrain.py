@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from orchestration.allocator import keep_freed_memory
 from orchestration.checkpoint import (TRAINER_STATE_FILE, TrainerState, config_differences, find_checkpoint,
                                       load_optimizer_state, load_training_checkpoint, read_yaml,
                                       save_training_checkpoint)
@@ -204,6 +205,7 @@ def train_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    keep_freed_memory()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # identical init on every rank
