@@ -130,6 +130,29 @@ def test_expert_bias_hook_steers_routing():
         moe.set_expert_bias(torch.zeros(3))
 
 
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5])
+def test_blocks_padded_for_onednn_match_reference(monkeypatch, capacity_factor):
+    # Under bf16 on CPU each expert block is padded with zero rows to a multiple of 32 (see _row_bucket); run
+    # that path in fp32, where the per-token reference is exact, with and without dropped assignments.
+    import models.common.moe as moe_module
+
+    monkeypatch.setattr(moe_module, "_row_bucket", lambda x_ND: 32)
+    torch.manual_seed(1)
+    moe = MoELayer(16, 24, n_experts=4, top_k=2, capacity_factor=capacity_factor)
+    x_BTD = torch.randn(3, 7, 16, requires_grad=True)
+    y_BTD, _, stats = moe(x_BTD)
+    x_ref = x_BTD.detach().clone().requires_grad_(True)
+    capacity = math.ceil(capacity_factor * 21 * 2 / 4) if capacity_factor else None
+    y_ref = naive_moe(moe, x_ref.view(-1, 16), capacity)
+    torch.testing.assert_close(y_BTD.view(-1, 16), y_ref, atol=1e-6, rtol=1e-5)
+    assert (float(stats["moe/dropped_frac"]) > 0) == bool(capacity_factor)
+    g = torch.randn_like(y_ref)
+    grads = torch.autograd.grad((y_BTD.view(-1, 16) * g).sum(), [x_BTD, moe.up_EDF, moe.down_EFD])
+    grads_ref = torch.autograd.grad((y_ref * g).sum(), [x_ref, moe.up_EDF, moe.down_EFD])
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad.view_as(grad_ref), grad_ref, atol=1e-6, rtol=1e-5)
+
+
 def test_bf16_autocast_forward_backward():
     torch.manual_seed(5)
     moe = MoELayer(16, 32, n_experts=4, top_k=2, capacity_factor=1.0)

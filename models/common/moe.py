@@ -137,14 +137,30 @@ class MoELayer(nn.Module):
             slot_A = torch.arange(N * K, device=x_ND.device) - first_slot_E.repeat_interleave(tokens_per_expert_E)
             order_A = order_A[slot_A < capacity]
             kept_per_expert_E = tokens_per_expert_E.clamp(max=capacity)
-        # dest_M: where each assignment m = choice * N + token sits in the sorted order (A_kept if dropped)
+        # Expert e's block of the expert input: its kept assignments in sorted order, then zero rows up to a
+        # multiple of `bucket`. src_P: the assignment m = choice * N + token in each slot (N*K for a padding row);
+        # dest_M: the slot of each assignment (P if dropped).
         A_kept = order_A.numel()
-        dest_M = torch.full((N * K,), A_kept, dtype=torch.long, device=x_ND.device)
-        dest_M[order_A] = torch.arange(A_kept, device=x_ND.device)
+        kept_E = kept_per_expert_E.tolist()
+        bucket = _row_bucket(x_ND)
+        block_E = [-(-n // bucket) * bucket for n in kept_E]
+        P = sum(block_E)
+        slot_A = torch.arange(A_kept, device=x_ND.device)
+        if P > A_kept:  # shift each expert's slots by the padding of the experts before it
+            pad_before_E = torch.tensor(block_E, device=x_ND.device).cumsum(0) - kept_per_expert_E.cumsum(0)
+            pad_before_E = torch.cat([pad_before_E.new_zeros(1), pad_before_E[:-1]])
+            slot_A += pad_before_E.repeat_interleave(kept_per_expert_E, output_size=A_kept)
+            src_P = torch.full((P,), N * K, dtype=torch.long, device=x_ND.device)
+            src_P[slot_A] = order_A
+        else:
+            src_P = order_A
+        dest_M = torch.full((N * K,), P, dtype=torch.long, device=x_ND.device)
+        dest_M[order_A] = slot_A
 
-        x_AD = _MoveRows.apply(x_ND.repeat(K, 1), order_A, dest_M)
-        y_AD = self._run_experts(x_AD, kept_per_expert_E.tolist())
-        y_MD = _MoveRows.apply(y_AD, dest_M, order_A)
+        padded, dropped = P > A_kept, A_kept < N * K
+        x_PD = _MoveRows.apply(x_ND.repeat(K, 1), src_P, dest_M, padded, dropped)
+        y_PD = self._run_experts(x_PD, block_E)
+        y_MD = _MoveRows.apply(y_PD, dest_M, src_P, dropped, padded)
         gate_M = gates_NK.t().reshape(-1, 1).to(y_MD.dtype)
         y_ND = (y_MD * gate_M).view(K, N, D).sum(dim=0)
 
@@ -193,25 +209,39 @@ class _MoveRows(torch.autograd.Function):
 
     The backward moves the gradient rows back with the inverse map ``inv_R`` (``inv_R[r] = s``, or ``len(out)``
     for a row nobody took). ``index_select``'s own backward is an ``index_add`` that must allow repeated indices,
-    which on CPU is a serial scatter-accumulate about 100x slower than this gather.
+    which on CPU is a serial scatter-accumulate about 100x slower than this gather. ``src_has_zero``/``inv_has_zero``
+    say whether a map points at the zero row (the caller knows from its counts, without a pass over the map).
     """
 
     @staticmethod
-    def forward(ctx, x_RD: torch.Tensor, src_S: torch.Tensor, inv_R: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x_RD: torch.Tensor, src_S: torch.Tensor, inv_R: torch.Tensor, src_has_zero: bool,
+                inv_has_zero: bool) -> torch.Tensor:
         ctx.save_for_backward(inv_R)
-        return _take_rows(x_RD, src_S)
+        ctx.inv_has_zero = inv_has_zero
+        return _take_rows(x_RD, src_S, src_has_zero)
 
     @staticmethod
     def backward(ctx, grad_SD: torch.Tensor):
         (inv_R,) = ctx.saved_tensors
-        return _take_rows(grad_SD, inv_R), None, None
+        return _take_rows(grad_SD, inv_R, ctx.inv_has_zero), None, None, None, None
 
 
-def _take_rows(x_RD: torch.Tensor, src_S: torch.Tensor) -> torch.Tensor:
-    # a one-to-one map can only point at the zero row when it has more outputs than inputs (dropped tokens)
-    if src_S.numel() > x_RD.size(0):
+def _take_rows(x_RD: torch.Tensor, src_S: torch.Tensor, has_zero: bool) -> torch.Tensor:
+    if has_zero:
         x_RD = torch.cat([x_RD, x_RD.new_zeros(1, x_RD.size(1))])
     return x_RD.index_select(0, src_S)
+
+
+def _row_bucket(x_ND: torch.Tensor) -> int:
+    """Expert blocks are padded to a multiple of this many rows. oneDNN, which runs bf16/fp16 matmuls on CPU,
+    JIT-compiles a kernel per matmul shape; expert block sizes change every step, so unpadded each step compiles
+    ~150 kernels (measured at the HMST benchmark shape: ~0.1 s per bf16 step and ~150 MB of fresh code pages).
+    Multiples of 32 rows keep the shapes few (cache hits after warm-up) for ~1.5% padding. fp32 CPU matmuls and
+    GPU matmuls do not compile per shape: no padding."""
+    device = x_ND.device.type
+    if device == "cpu" and torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != torch.float32:
+        return 32
+    return 32 if device == "cpu" and x_ND.dtype in (torch.bfloat16, torch.float16) else 1
 
 
 class _ExpertFFN(torch.autograd.Function):
