@@ -53,7 +53,7 @@ class SSMConfig:
     """Inner width as a multiple of d_model."""
     d_conv: int = 4
     """Kernel size of the causal depthwise convolution before the scan."""
-    chunk_size: int = 64
+    chunk_size: int = 32
     """Chunk length of the parallel scan (work inside a chunk is O(chunk^2), across chunks O(T / chunk))."""
     n_layers: int = 2
     """Residual SSM blocks in an ``SSMEncoder``."""
@@ -121,32 +121,42 @@ def chunked_scan(x_BTHP: torch.Tensor, dt_BTH: torch.Tensor, A_H: torch.Tensor, 
         B_BTN, C_BTN = F.pad(B_BTN, (0, 0, 0, pad)), F.pad(C_BTN, (0, 0, 0, pad))
     c = (T + pad) // L
     a_BHcL = (dt_BTH * A_H).view(Bsz, c, L, H).permute(0, 3, 1, 2)  # log-decay of each step, <= 0
-    u_BHcLP = (x_BTHP * dt_BTH[..., None]).view(Bsz, c, L, H, P).permute(0, 3, 1, 2, 4)
+    dt_BHcL = dt_BTH.view(Bsz, c, L, H).permute(0, 3, 1, 2)
+    # x in (B, H, c, L, P) order, made contiguous once so the matmuls below read it without copies. The input of
+    # step s is u_s = dt_s x_s; dt_s scales the smaller factor next to x in each product instead of x itself.
+    x_BHcLP = x_BTHP.view(Bsz, c, L, H, P).permute(0, 3, 1, 2, 4).contiguous()
     B_BcLN, C_BcLN = B_BTN.view(Bsz, c, L, N), C_BTN.view(Bsz, c, L, N)
     acum_BHcL = a_BHcL.cumsum(dim=-1)
 
     # 1. inside each chunk: y_l = sum_{s<=l} exp(a_{s+1} + ... + a_l) (C_l . B_s) u_s. Within one chunk the
     # cumulative log-decay stays small enough for a plain difference of cumulative sums (two passes instead of
-    # the four of _segment_sums, on the largest tensors of the scan)
+    # the four of _segment_sums, on the largest tensors of the scan). Mask and exp run in place on the fresh
+    # difference (exp's backward needs only its output).
     causal_LL = torch.ones(L, L, dtype=torch.bool, device=x_BTHP.device).tril()
-    log_decay_BHcLL = (acum_BHcL[..., :, None] - acum_BHcL[..., None, :]).masked_fill(~causal_LL, float("-inf"))
-    scores_BcLL = C_BcLN @ B_BcLN.transpose(-1, -2)
-    mix_BHcLL = torch.exp(log_decay_BHcLL) * scores_BcLL[:, None]
-    y_BHcLP = mix_BHcLL @ u_BHcLP
+    decay_BHcLL = (acum_BHcL[..., :, None] - acum_BHcL[..., None, :]).masked_fill_(~causal_LL, float("-inf")).exp_()
+    mix_BHcLL = (decay_BHcLL * (C_BcLN @ B_BcLN.transpose(-1, -2))[:, None]).mul_(dt_BHcL[..., None, :])
+    y_BHcLP = mix_BHcLL @ x_BHcLP
 
-    # 2. state each chunk ends in, starting from zero: sum_s exp(a_{s+1} + ... + a_L) u_s B_s^T
+    # 2. state each chunk ends in, starting from zero: sum_s exp(a_{s+1} + ... + a_L) u_s B_s^T, kept transposed
+    # (N x P) so that step 4 reads it without a copy (the decay scales B, which is N wide, rather than x)
     to_end_BHcL = torch.exp(acum_BHcL[..., -1:] - acum_BHcL)
-    chunk_states_BHcPN = (u_BHcLP * to_end_BHcL[..., None]).transpose(-1, -2) @ B_BcLN[:, None]
+    chunk_states_BHcNP = (B_BcLN[:, None] * (to_end_BHcL * dt_BHcL)[..., None]).transpose(-1, -2) @ x_BHcLP
 
-    # 3. carry states across chunks: state entering chunk z = sum_{c<z} decay(c+1 .. z-1) * chunk_state_c
-    s0_BH1PN = (x_BTHP.new_zeros(Bsz, H, 1, P, N) if state_BHPN is None else state_BHPN[:, :, None])
-    states_BHzPN = torch.cat([s0_BH1PN, chunk_states_BHcPN], dim=2)
+    # 3. carry states across chunks: state entering chunk z = sum_{c<z} decay(c+1 .. z-1) * chunk_state_c; the
+    # states entering chunks 0..c-1 and the final state are two products, so both come out contiguous
+    s0_BH1NP = (x_BTHP.new_zeros(Bsz, H, 1, N, P) if state_BHPN is None
+                else state_BHPN.transpose(-1, -2)[:, :, None].to(chunk_states_BHcNP.dtype))
+    states_BHzX = torch.cat([s0_BH1NP, chunk_states_BHcNP], dim=2).flatten(-2)
     chunk_decay_BHzz = torch.exp(_segment_sums(F.pad(acum_BHcL[..., -1], (1, 0))))
-    carried_BHzPN = (chunk_decay_BHzz @ states_BHzPN.flatten(-2)).view(Bsz, H, c + 1, P, N)
-    entering_BHcPN, final_BHPN = carried_BHzPN[:, :, :-1], carried_BHzPN[:, :, -1]
+    entering_BHcNP = (chunk_decay_BHzz[:, :, :-1] @ states_BHzX).view(Bsz, H, c, N, P)
+    final_BHPN = (chunk_decay_BHzz[:, :, -1:] @ states_BHzX).view(Bsz, H, N, P).transpose(-1, -2)
 
-    # 4. what the entering state contributes inside the chunk: exp(a_1 + ... + a_l) C_l . state
-    y_BHcLP = y_BHcLP + (C_BcLN[:, None] @ entering_BHcPN.transpose(-1, -2)) * torch.exp(acum_BHcL)[..., None]
+    # 4. what the entering state contributes inside the chunk, exp(a_1 + ... + a_l) C_l . state, added to y
+    # by one batched multiply-add (the decay again scales the N-wide side). In place: y is a fresh matmul output,
+    # which no backward needs; the explicit casts stand in for autocast, which leaves in-place ops alone.
+    C_in_BHcLN = C_BcLN[:, None] * torch.exp(acum_BHcL)[..., None]
+    y_BHcLP.view(-1, L, P).baddbmm_(C_in_BHcLN.reshape(-1, L, N).to(y_BHcLP.dtype),
+                                    entering_BHcNP.view(-1, N, P).to(y_BHcLP.dtype))
     y_BTHP = y_BHcLP.permute(0, 2, 3, 1, 4).reshape(Bsz, c * L, H, P)[:, :T]
     return y_BTHP, final_BHPN
 
