@@ -7,7 +7,8 @@ Run (about 4 minutes on 2 cores)::
 What it measures, all in one local Ray session:
   1. For flat and IVF memories of 100k x 128 (clustered data): search QPS through the actor (the full service
      call, texts and metadata included) against raw in-process FAISS on the *same* index (the actor's snapshot
-     file, read back into this process), batches of 1 and 64, same FAISS thread count on both sides. Repeats are
+     file, read back into this process), batches of 1 and 64, same FAISS thread count on both sides; through the
+     actor once from one client and once from 2 client threads at a time (the shared-use case). Repeats are
      interleaved and the median taken, because the machine is shared and noisy.
   2. p50/p95/p99 latency of single queries through the actor on the 100k IVF memory.
   3. Add throughput through the actor (batches of 10k, durable on return).
@@ -36,6 +37,7 @@ from memory_service import MemoryConfig, MemoryServiceError, get_or_create_memor
 from memory_service.local import SMALL_BATCH  # noqa: E402
 
 NAMESPACE = "memtrain-bench"
+CLIENTS = 2  # concurrent clients in the shared-use measurement
 
 
 def clustered(n: int, dim: int, seed: int, centers: int = 256) -> np.ndarray:
@@ -66,6 +68,20 @@ def qps(search, queries_QD: np.ndarray, batch: int, calls: int) -> float:
     return calls * batch / (time.perf_counter() - started)
 
 
+def concurrent_qps(search, queries_QD: np.ndarray, batch: int, calls: int, clients: int) -> float:
+    """Total q/s of `clients` threads, each making `calls` searches on its own share of the queries (the way
+    several trainers or env runners use one memory)."""
+    share = len(queries_QD) // clients
+    threads = [threading.Thread(target=qps, args=(search, queries_QD[i * share:(i + 1) * share], batch, calls))
+               for i in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return clients * calls * batch / (time.perf_counter() - started)
+
+
 def search_comparison(index: str, vectors_ND, queries_QD, workdir: str, threads: int, repeats: int, rows: list) -> object:
     config = MemoryConfig(dim=vectors_ND.shape[1], index=index, metric="l2", path=os.path.join(workdir, index),
                           faiss_threads=threads, num_cpus=threads, snapshot_every=0)
@@ -81,14 +97,16 @@ def search_comparison(index: str, vectors_ND, queries_QD, workdir: str, threads:
     for batch, calls in ((1, 400), (64, 12 if index == "flat" else 60)):
         # The service runs batches under SMALL_BATCH on one FAISS thread; give in-process FAISS the same setting.
         faiss.omp_set_num_threads(1 if batch < SMALL_BATCH else threads)
-        inproc, actor = [], []
+        inproc, actor, shared = [], [], []
         for _ in range(repeats):  # interleaved, so both sides see the same background load
             inproc.append(qps(lambda q: local.search(q, k), queries_QD, batch, calls))
             actor.append(qps(lambda q: mem.search(q, k), queries_QD, batch, calls))
-        a, b = statistics.median(inproc), statistics.median(actor)
+            shared.append(concurrent_qps(lambda q: mem.search(q, k), queries_QD, batch, calls, CLIENTS))
+        a, b, c = statistics.median(inproc), statistics.median(actor), statistics.median(shared)
         rows.append((f"{index} (nlist={stats['nlist']}, nprobe={stats['nprobe']})" if stats["nlist"] else index,
-                     batch, a, b, b / a))
-        print(f"{index:5s} batch {batch:2d}: in-process {a:8.0f} q/s  actor {b:8.0f} q/s  ratio {b / a:.2f}", flush=True)
+                     batch, a, b, c))
+        print(f"{index:5s} batch {batch:2d}: in-process {a:8.0f} q/s  actor {b:8.0f} q/s  ratio {b / a:.2f}  "
+              f"actor with {CLIENTS} clients {c:8.0f} q/s  ratio {c / a:.2f}", flush=True)
     return mem, add_rate
 
 
@@ -207,10 +225,14 @@ def write_report(args, rows, adds, lat, noop, load, rec) -> None:
         f"Batches under {SMALL_BATCH} queries run FAISS on one thread on both sides. In-process = raw `faiss` search on the actor's own snapshot file; actor = `MemoryClient.search` (Ray call; "
         f"texts and metadata from the store's in-memory mirror, sent as compact `PackedHits` and expanded by the client). Median of {args.repeats} interleaved repeats.",
         "",
-        "| index | batch | in-process q/s | actor q/s | actor / in-process |",
-        "|---|---|---|---|---|",
+        f"The last two columns: {CLIENTS} client threads searching at once through the same actor, total q/s.",
+        "",
+        f"| index | batch | in-process q/s | actor q/s, 1 client | actor / in-process | actor q/s, {CLIENTS} clients | "
+        f"actor ({CLIENTS} clients) / in-process |",
+        "|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {name} | {batch} | {a:,.0f} | {b:,.0f} | {r:.2f} |" for name, batch, a, b, r in rows]
+    lines += [f"| {name} | {batch} | {a:,.0f} | {b:,.0f} | {b / a:.2f} | {c:,.0f} | {c / a:.2f} |"
+              for name, batch, a, b, c in rows]
     lines += [
         "",
         f"Single-query latency through the actor, 100k IVF: p50 {lat[0]:.2f} ms, p95 {lat[1]:.2f} ms, "
