@@ -8,7 +8,8 @@ What it measures, all in one local Ray session:
   1. For flat and IVF memories of 100k x 128 (clustered data): search QPS through the actor (the full service
      call, texts and metadata included) against raw in-process FAISS on the *same* index (the actor's snapshot
      file, read back into this process), batches of 1 and 64, same FAISS thread count on both sides; through the
-     actor once from one client and once from 2 client threads at a time (the shared-use case). Repeats are
+     actor from one client one call at a time, from one client with 2 searches in flight (search_async),
+     and from 2 client threads at a time (the shared-use case). Repeats are
      interleaved and the median taken, because the machine is shared and noisy.
   2. p50/p95/p99 latency of single queries through the actor on the 100k IVF memory.
   3. Add throughput through the actor (batches of 10k, durable on return).
@@ -19,6 +20,7 @@ What it measures, all in one local Ray session:
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import shutil
 import signal
@@ -37,6 +39,7 @@ from memory_service import MemoryConfig, MemoryServiceError, get_or_create_memor
 from memory_service.local import SMALL_BATCH  # noqa: E402
 
 NAMESPACE = "memtrain-bench"
+IN_FLIGHT = 2  # searches one client keeps in flight with search_async
 CLIENTS = 2  # concurrent clients in the shared-use measurement
 
 
@@ -65,6 +68,20 @@ def qps(search, queries_QD: np.ndarray, batch: int, calls: int) -> float:
     for c in range(calls):
         start = (c * batch) % (len(queries_QD) - batch)
         search(queries_QD[start:start + batch])
+    return calls * batch / (time.perf_counter() - started)
+
+
+def pipelined_qps(mem, queries_QD: np.ndarray, batch: int, calls: int, k: int, depth: int) -> float:
+    """q/s of one client keeping `depth` searches in flight with `search_async`."""
+    pending: collections.deque = collections.deque()
+    started = time.perf_counter()
+    for c in range(calls):
+        start = (c * batch) % (len(queries_QD) - batch)
+        pending.append(mem.search_async(queries_QD[start:start + batch], k))
+        if len(pending) == depth:
+            pending.popleft().result()
+    while pending:
+        pending.popleft().result()
     return calls * batch / (time.perf_counter() - started)
 
 
@@ -97,16 +114,17 @@ def search_comparison(index: str, vectors_ND, queries_QD, workdir: str, threads:
     for batch, calls in ((1, 400), (64, 12 if index == "flat" else 60)):
         # The service runs batches under SMALL_BATCH on one FAISS thread; give in-process FAISS the same setting.
         faiss.omp_set_num_threads(1 if batch < SMALL_BATCH else threads)
-        inproc, actor, shared = [], [], []
+        inproc, actor, in_flight, shared = [], [], [], []
         for _ in range(repeats):  # interleaved, so both sides see the same background load
             inproc.append(qps(lambda q: local.search(q, k), queries_QD, batch, calls))
             actor.append(qps(lambda q: mem.search(q, k), queries_QD, batch, calls))
+            in_flight.append(pipelined_qps(mem, queries_QD, batch, calls, k, IN_FLIGHT))
             shared.append(concurrent_qps(lambda q: mem.search(q, k), queries_QD, batch, calls, CLIENTS))
-        a, b, c = statistics.median(inproc), statistics.median(actor), statistics.median(shared)
+        a, b, p, c = (statistics.median(v) for v in (inproc, actor, in_flight, shared))
         rows.append((f"{index} (nlist={stats['nlist']}, nprobe={stats['nprobe']})" if stats["nlist"] else index,
-                     batch, a, b, c))
-        print(f"{index:5s} batch {batch:2d}: in-process {a:8.0f} q/s  actor {b:8.0f} q/s  ratio {b / a:.2f}  "
-              f"actor with {CLIENTS} clients {c:8.0f} q/s  ratio {c / a:.2f}", flush=True)
+                     batch, a, b, p, c))
+        print(f"{index:5s} batch {batch:2d}: in-process {a:6.0f} q/s | actor: one call at a time {b:6.0f} ({b / a:.2f}), "
+              f"{IN_FLIGHT} in flight {p:6.0f} ({p / a:.2f}), {CLIENTS} clients {c:6.0f} ({c / a:.2f})", flush=True)
     return mem, add_rate
 
 
@@ -225,14 +243,16 @@ def write_report(args, rows, adds, lat, noop, load, rec) -> None:
         f"Batches under {SMALL_BATCH} queries run FAISS on one thread on both sides. In-process = raw `faiss` search on the actor's own snapshot file; actor = `MemoryClient.search` (Ray call; "
         f"texts and metadata from the store's in-memory mirror, sent as compact `PackedHits` and expanded by the client). Median of {args.repeats} interleaved repeats.",
         "",
-        f"The last two columns: {CLIENTS} client threads searching at once through the same actor, total q/s.",
+        f"Through the actor three ways: one client, one call at a time (`search`); one client keeping {IN_FLIGHT} "
+        f"searches in flight (`search_async`); {CLIENTS} client threads searching at once. Cells: q/s (ratio to "
+        "in-process).",
         "",
-        f"| index | batch | in-process q/s | actor q/s, 1 client | actor / in-process | actor q/s, {CLIENTS} clients | "
-        f"actor ({CLIENTS} clients) / in-process |",
-        "|---|---|---|---|---|---|---|",
+        f"| index | batch | in-process q/s | actor, one call at a time | actor, {IN_FLIGHT} in flight | "
+        f"actor, {CLIENTS} clients |",
+        "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {name} | {batch} | {a:,.0f} | {b:,.0f} | {b / a:.2f} | {c:,.0f} | {c / a:.2f} |"
-              for name, batch, a, b, c in rows]
+    lines += [f"| {name} | {batch} | {a:,.0f} | {b:,.0f} ({b / a:.2f}) | {p:,.0f} ({p / a:.2f}) | {c:,.0f} ({c / a:.2f}) |"
+              for name, batch, a, b, p, c in rows]
     lines += [
         "",
         f"Single-query latency through the actor, 100k IVF: p50 {lat[0]:.2f} ms, p95 {lat[1]:.2f} ms, "

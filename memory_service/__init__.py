@@ -13,9 +13,10 @@ For the shared service, ``get_or_create_memory("semantic", MemoryConfig(dim=...,
 with the same methods (see memory_service.actor).
 """
 
-from memory_service.actor import MemoryClient, get_or_create_memory
+from memory_service.actor import MemoryClient, PendingSearch, get_or_create_memory
 from memory_service.config import MemoryConfig
 from memory_service.errors import MemoryServiceError
 from memory_service.local import Hit, LocalMemory, SearchHits
 
-__all__ = ["Hit", "LocalMemory", "MemoryClient", "MemoryConfig", "MemoryServiceError", "SearchHits", "get_or_create_memory"]
+__all__ = ["Hit", "LocalMemory", "MemoryClient", "MemoryConfig", "MemoryServiceError", "PendingSearch", "SearchHits",
+           "get_or_create_memory"]

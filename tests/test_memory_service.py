@@ -309,6 +309,27 @@ def test_client_travels_to_ray_tasks(ray_session, tmp_path):
         mem.shutdown(snapshot=False)
 
 
+def test_search_async_keeps_searches_in_flight(ray_session, tmp_path):
+    """Several searches in flight from one client give the same hits as one after another; errors surface from
+    result()."""
+    mem = get_or_create_memory(f"async-{uuid.uuid4().hex[:8]}", MemoryConfig(dim=8, metric="l2", path=str(tmp_path)),
+                               namespace=NAMESPACE)
+    try:
+        vectors_ND = clustered(500, 8, centers=5, seed=6)
+        mem.add(vectors_ND, [f"doc {i}" for i in range(500)])
+        batches = [vectors_ND[i:i + 16] for i in range(0, 96, 16)]
+        pending = [mem.search_async(q_QD, k=3) for q_QD in batches]
+        for p, q_QD in zip(pending, batches):
+            hits, expected = p.result(), mem.search(q_QD, k=3)
+            np.testing.assert_array_equal(hits.ids_QK, expected.ids_QK)
+            assert hits.texts == expected.texts
+        bad = mem.search_async(np.ones((2, 5), np.float32), k=3)  # wrong dimension: refused by the actor
+        with pytest.raises(MemoryServiceError, match="dimension"):
+            bad.result()
+    finally:
+        mem.shutdown(snapshot=False)
+
+
 # ----- capacity -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("index", ["flat", "ivf", "hnsw"])
 def test_eviction_oldest_keeps_mapping_exact(backend, tmp_path, index):
