@@ -418,12 +418,36 @@ def _check_resume_compatible(run_dir: Path, cfg: PretrainConfig) -> None:
                               f"{'; '.join(diffs)}. Use the same settings, or a new --output directory")
 
 
-def pretrain(cfg: PretrainConfig) -> dict:
-    """Run (or resume) a pretraining job on the current Ray cluster; returns the summary also written to summary.json."""
+def make_trainer(cfg: PretrainConfig, data: PreparedData, run_dir: Path, callbacks: list,
+                 controller_failure_limit: int = -1):
+    """The TorchTrainer of one pretraining run: ``train_worker`` on ``cfg.workers`` workers (NCCL on GPUs, gloo on
+    CPUs), Train's run name and storage under ``run_dir`` (so a re-run resumes from its newest checkpoint), and
+    ``callbacks`` receiving the workers' reports. ``controller_failure_limit`` bounds how often a worker group that
+    cannot start is retried (-1: without limit)."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    use_gpu = cfg.gpus_per_worker > 0
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "data": dataclasses.asdict(data)},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=CHECKPOINTS_DIR, storage_path=str(run_dir),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                         controller_failure_limit=controller_failure_limit),
+            callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # the metrics sink prints one line per report
+        ),
+    )
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Run (or resume) a pretraining job on the current Ray cluster; returns the summary also written to summary.json."""
     from orchestration.ray_utils import ensure_ray
 
     from models.registry import model_config
@@ -454,22 +478,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         cfg = dataclasses.replace(cfg, init_checkpoint=path)
     write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     ensure_ray()
-    use_gpu = cfg.gpus_per_worker > 0
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "data": dataclasses.asdict(data)},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=CHECKPOINTS_DIR, storage_path=str(run_dir),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[_make_metrics_sink(str(run_dir))],
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our sink prints one line per report
-        ),
-    )
-    result = trainer.fit()
+    result = make_trainer(cfg, data, run_dir, [_make_metrics_sink(str(run_dir))]).fit()
     summary = summarize(run_dir, result.checkpoint.path if result.checkpoint else None, time.time() - started)
     print(f"[memtrain] done: final eval loss {summary.get('final_eval_loss')}, checkpoint {summary['checkpoint']}, "
           f"summary {run_dir / 'summary.json'}", flush=True)

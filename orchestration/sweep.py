@@ -377,13 +377,10 @@ def _check_enough_windows(cfg: PretrainConfig, data) -> None:
 
 def run_pretrain_trial(params: dict, *, sweep: dict, shared_data: dict, sweep_dir: str) -> None:
     """The Tune function trainable of ``kind: pretrain``: fit one TorchTrainer with the sampled params."""
-    import ray.train
     from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
-    from orchestration.pretrain import _make_metrics_sink, resolve_init_checkpoint, train_worker
+    from orchestration.pretrain import _make_metrics_sink, make_trainer, resolve_init_checkpoint
 
     cfg = from_dict(SweepConfig, sweep)
     trial_id = tune.get_context().get_trial_id()
@@ -396,28 +393,15 @@ def run_pretrain_trial(params: dict, *, sweep: dict, shared_data: dict, sweep_di
     if trial.init_checkpoint and not has_checkpoints(run_dir):
         trial = dataclasses.replace(trial, init_checkpoint=resolve_init_checkpoint(trial, data)[0])
     (run_dir / "config.yaml").write_text(to_yaml(trial))
-    use_gpu = trial.gpus_per_worker > 0
-    resources = {"CPU": trial.cpus_per_worker, **({"GPU": trial.gpus_per_worker} if use_gpu else {})}
     earlier = {k: v for row in read_metrics(run_dir) for k, v in row.items() if k != "checkpoint"}
     channel = Queue(maxsize=1, actor_options={"num_cpus": 0})
     tune_checkpoint_every = _pbt_interval(cfg) if cfg.scheduler.name == "pbt" else 0
-    # Same Train run name and storage as `memtrain pretrain`: a restored trial resumes from its newest checkpoint
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"cfg": dataclasses.asdict(trial), "data": dataclasses.asdict(data)},
-        scaling_config=ScalingConfig(num_workers=trial.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=CHECKPOINTS_DIR, storage_path=str(run_dir),
-            checkpoint_config=CheckpointConfig(num_to_keep=trial.keep_checkpoints),
-            # a bounded controller_failure_limit: a worker group that cannot start fails the trial, not hangs it
-            failure_config=FailureConfig(max_failures=trial.max_failures,
-                                         controller_failure_limit=cfg.trial_start_retries),
-            callbacks=[_make_metrics_sink(str(run_dir)),
-                       _make_tune_forwarder(cfg.metric, earlier, channel, tune_checkpoint_every)],
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-        ),
-    )
+    # The same Train run as `memtrain pretrain` (a restored trial resumes from its newest checkpoint), with a
+    # bounded controller_failure_limit: a worker group that cannot start fails the trial, not hangs it
+    trainer = make_trainer(trial, data, run_dir,
+                           [_make_metrics_sink(str(run_dir)),
+                            _make_tune_forwarder(cfg.metric, earlier, channel, tune_checkpoint_every)],
+                           controller_failure_limit=cfg.trial_start_retries)
     _fit_and_report(trainer, channel)
 
 
