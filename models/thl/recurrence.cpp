@@ -66,6 +66,15 @@ T tanh_via_exp(T x) {
   return T(1) - T(2) / (std::exp(T(2) * x) + T(1));
 }
 
+// out = softmax(s / temperature) over n values (max-subtracted).
+template <typename T>
+void tempered_softmax(const T* s, T* out, int64_t n, T temperature) {
+  T mx = s[0] / temperature, sum = 0;
+  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, s[i] / temperature);
+  for (int64_t i = 0; i < n; ++i) sum += (out[i] = std::exp(s[i] / temperature - mx));
+  for (int64_t i = 0; i < n; ++i) out[i] /= sum;
+}
+
 // torch.gru_cell's update from the gate pre-activations gi = x W_ih^T + b_ih and gh = h W_hh^T + b_hh
 // (blocks r, z, n): r = sigmoid(gi_r + gh_r), z = sigmoid(gi_z + gh_z), n = tanh(gi_n + r gh_n),
 // h' = (h - n) z + n.
@@ -227,14 +236,7 @@ struct Forward {
       at::topk_out(top_scores, idx_t, scores, kappa, -1, true, true);
       if (keep_dense) {  // the dense softmax over all slots (straight-through)
         T* dn = step<T>(dense_r, t);
-        for (int64_t i = 0; i < B * H; ++i) {
-          const T* s = sc + i * J;
-          T* o = dn + i * J;
-          T mx = s[0] / temperature, sum = 0;
-          for (int64_t j = 1; j < J; ++j) mx = std::max(mx, s[j] / temperature);
-          for (int64_t j = 0; j < J; ++j) sum += (o[j] = std::exp(s[j] / temperature - mx));
-          for (int64_t j = 0; j < J; ++j) o[j] /= sum;
-        }
+        for (int64_t i = 0; i < B * H; ++i) tempered_softmax(sc + i * J, dn + i * J, J, temperature);
       }
       const int64_t* idx = step<int64_t>(idx_r, t);
       const T* top_p = top_scores.data_ptr<T>();
@@ -246,12 +248,8 @@ struct Forward {
         for (int64_t h = 0; h < H; ++h) {
           const int64_t bh = b * H + h;
           const int64_t* ix = idx + bh * kappa;
-          const T* s = top_p + bh * kappa;
           T* a = alpha + bh * kappa;
-          T mx = s[0] / temperature, sum = 0;
-          for (int64_t k = 1; k < kappa; ++k) mx = std::max(mx, s[k] / temperature);
-          for (int64_t k = 0; k < kappa; ++k) sum += (a[k] = std::exp(s[k] / temperature - mx));
-          for (int64_t k = 0; k < kappa; ++k) a[k] /= sum;
+          tempered_softmax(top_p + bh * kappa, a, kappa, temperature);
           for (int64_t d = 0; d < D; ++d)
             for (int64_t k = 0; k < kappa; ++k) ks[(bh * D + d) * kappa + k] = keys_p[(bh * D + d) * J + ix[k]];
           for (int64_t k = 0; k < kappa; ++k)
