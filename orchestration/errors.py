@@ -12,3 +12,8 @@ class DataError(MemtrainError, ValueError):
 
 class CheckpointError(MemtrainError, ValueError):
     """A checkpoint is missing, corrupt or incompatible with the requested run."""
+
+
+class StorageError(MemtrainError):
+    """A run path cannot be read or written (unreachable bucket, missing credentials, a node-local path on a
+    multi-node cluster, a damaged file)."""

@@ -16,14 +16,32 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """A local Ray cluster shared by every test that needs one (4 logical CPUs on 2 cores, see ray-notes §7)."""
+def ray_session(s3_server):
+    """A local Ray cluster shared by every test that needs one (4 logical CPUs on 2 cores, see ray-notes §7). It
+    starts after the S3 server, so its worker processes inherit the server's environment variables."""
     import ray
 
     from orchestration.ray_utils import local_dashboard_args
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, num_gpus=0, object_store_memory=300 * 1024**2, log_to_driver=False,
+        ray.init(address="local", num_cpus=4, num_gpus=0, object_store_memory=300 * 1024**2, log_to_driver=False,
                  configure_logging=False, namespace="memtrain-tests", **local_dashboard_args())
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto) on 127.0.0.1 with one bucket; its environment variables go into
+    os.environ for the session (pyarrow, boto3 and Ray read them)."""
+    from orchestration.storage.testing import LoopbackS3
+
+    with LoopbackS3(log_dir=tmp_path_factory.mktemp("moto")) as s3:
+        saved = {k: os.environ.get(k) for k in s3.env}
+        os.environ.update(s3.env)
+        yield {**s3.env, "bucket": s3.bucket}
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
