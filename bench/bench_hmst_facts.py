@@ -55,13 +55,12 @@ def pretrain_model(run: Path, corpus: Path, args) -> Path:
 def train_or_load_critic(run: Path, pretrain_dir: Path, seed: int):
     from models.hmst.facts import FactConfig, FactWorld
     from models.hmst.training import load_critic, save_component, train_critic
-    from orchestration.checkpoint import find_checkpoint
-    from orchestration.tokenizers import load_tokenizer
+    from orchestration.checkpoint import load_lm
 
     out = run / "critic"
     if (out / "critic.json").is_file():
         return load_critic(out), json.loads((out / "critic.json").read_text())["result"]
-    tokenizer = load_tokenizer(find_checkpoint(pretrain_dir))
+    _, tokenizer, _ = load_lm(pretrain_dir)
     critic, result = train_critic(FactWorld(FactConfig(seed=seed)), tokenizer, tokenizer.vocab_size, log=None)
     save_component(critic, "critic", out, {"result": result})
     return critic, result
@@ -71,12 +70,9 @@ def evaluate(pretrain_dir: Path, critic, seed: int, n_questions: int) -> dict:
     from memory_service import LocalMemory, MemoryConfig
     from models.hmst.engine import Decisions, HMSTEngine
     from models.hmst.facts import FactConfig, FactWorld, exact_match
-    from models.io import load_model
-    from orchestration.checkpoint import find_checkpoint
-    from orchestration.tokenizers import load_tokenizer
+    from orchestration.checkpoint import load_lm
 
-    ckpt = find_checkpoint(pretrain_dir)
-    model, tokenizer = load_model(ckpt), load_tokenizer(ckpt)
+    model, tokenizer, _ = load_lm(pretrain_dir)
     world = FactWorld(FactConfig(seed=seed))
     with tempfile.TemporaryDirectory() as tmp:
         memory = LocalMemory(MemoryConfig(dim=model.cfg.d_model, path=tmp))

@@ -22,7 +22,8 @@ from orchestration.allocator import keep_freed_memory
 from orchestration.config import load_config
 from orchestration.data import TokenWindows, WindowOrder, prepare_data
 from orchestration.flops import measure_matmul_peak
-from orchestration.pretrain import PretrainConfig, lr_at, param_groups, pretrain, read_metrics
+from orchestration.pretrain import PretrainConfig, lr_at, param_groups, pretrain
+from orchestration.storage import Location, read_metrics
 
 MODEL = dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024)
 SEQ, GLOBAL_BATCH = 256, 16
@@ -39,12 +40,12 @@ def config(out: str, workers: int, steps: int) -> PretrainConfig:
 def plain_loop(cfg: PretrainConfig, steps: int) -> float:
     """The same model, batch, optimizer and schedule in a bare loop; tokens/s after 5 warm-up steps."""
     torch.set_num_threads(2)
-    data = prepare_data(cfg.data, cfg.output)
+    data = prepare_data(cfg.data, Location(cfg.output))
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab_size=data.vocab_size, **cfg.model_overrides)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             fused=True)
-    windows = TokenWindows(data.train_path, SEQ)
+    windows = TokenWindows(data.shard_paths(cfg.data.cache_dir)["train"], SEQ)
     order = WindowOrder(windows.n_windows, 0)
     times = []
     for step in range(steps):

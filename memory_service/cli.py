@@ -84,7 +84,7 @@ def _connect(namespace: str, allow_local: bool) -> bool:
         if not allow_local:
             raise MemoryServiceError("no Ray cluster is running; start one with `ray start --head`, then "
                                      "`memtrain memory serve`") from None
-    ray.init(namespace=namespace, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", namespace=namespace, include_dashboard=False, log_to_driver=False)
     return True
 
 

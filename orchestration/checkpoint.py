@@ -1,13 +1,19 @@
-"""Training checkpoints: a directory with safetensors weights, optimizer state, trainer state, tokenizer and config.
+"""Training checkpoints: a folder with safetensors weights, optimizer state, trainer state, tokenizer, config and a
+manifest (sizes and SHA-256 of every file, see ``orchestration.storage.runfiles``).
 
-Layout of one checkpoint (written complete into a temporary directory, then handed to Ray Train, which registers
-it only once every file is persisted, so a crash never leaves a half-written checkpoint in use)::
+Layout of one checkpoint (written complete into a temporary folder on the worker, then handed to Ray Train, which
+uploads it to the run's storage and registers it once every file is persisted)::
 
-    step_000200/
+    <output>/checkpoints/step_000200/
       model.safetensors  model.json     # models.io: weights + preset name and model config
       optimizer.pt                      # optimizer state_dict (tensors only; loaded with weights_only=True)
       trainer_state.json                # step, data position, tokens seen, early-stopping state
-      tokenizer.json  config.yaml       # what the run was trained with
+      tokenizer.json  config.yaml       # what the run was trained with: every checkpoint can be used on its own
+      manifest.json                     # what a complete, undamaged checkpoint holds
+
+Example::
+
+    >>> model, tokenizer, where = load_lm("s3://bucket/runs/x")     # newest checkpoint of a run  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -16,20 +22,21 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from models.common.errors import ModelError
 from models.io import CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
-from orchestration.errors import CheckpointError
+from orchestration.errors import CheckpointError, StorageError
+from orchestration.storage import MANIFEST, Location, latest_checkpoint, local_copy, write_manifest
+from orchestration.tokenizers import TOKENIZER_FILE, load_tokenizer
 
 TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+CHECKPOINT_PREFIX = "step_"  # checkpoints/step_000200: the optimizer step (or, for continual runs, training step)
 
 
 @dataclass
@@ -46,24 +53,44 @@ class TrainerState:
     """Evaluations since the best one (early stopping stops at patience)."""
 
 
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint at ``step`` (ordered by number when listed, whatever its width)."""
+    return f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
 def save_training_checkpoint(directory: str | os.PathLike, model: nn.Module, model_name: str,
-                             optimizer: torch.optim.Optimizer, state: TrainerState, run_dir: str | os.PathLike) -> None:
+                             optimizer: torch.optim.Optimizer, state: TrainerState, tokenizer_json: str,
+                             config_yaml: str) -> None:
+    """Write a complete checkpoint into a local folder, its manifest last."""
     directory = Path(directory)
     save_model(model, model_name, directory)
     torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
     (directory / TRAINER_STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
-    for name in ("tokenizer.json", "config.yaml"):
-        if (Path(run_dir) / name).is_file():
-            shutil.copy2(Path(run_dir) / name, directory / name)
+    (directory / TOKENIZER_FILE).write_text(tokenizer_json)
+    (directory / "config.yaml").write_text(config_yaml)
+    write_manifest(directory)
+
+
+def check_checkpoint(directory: str | os.PathLike) -> None:
+    """Raise CheckpointError when a local checkpoint folder is incomplete or damaged (against its manifest)."""
+    from orchestration.storage.runfiles import damaged_files
+
+    directory = Path(directory)
+    missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, TRAINER_STATE_FILE, MANIFEST) if not (directory / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {directory} is incomplete (missing {', '.join(missing)})")
+    try:
+        bad = damaged_files(directory, json.loads((directory / MANIFEST).read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        bad = [MANIFEST]
+    if bad:
+        raise CheckpointError(f"checkpoint {directory} is corrupt: {', '.join(bad)} missing or not what was written")
 
 
 def load_training_checkpoint(directory: str | os.PathLike, model: nn.Module) -> TrainerState:
-    """Load weights into ``model``; returns the trainer state to continue from."""
+    """Load weights into ``model`` from a local checkpoint folder; returns the trainer state to continue from."""
     directory = Path(directory)
-    missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, TRAINER_STATE_FILE) if not (directory / f).is_file()]
-    if missing:
-        raise CheckpointError(f"checkpoint {directory} is incomplete (missing {', '.join(missing)}); "
-                              "delete it to resume from the previous one")
+    check_checkpoint(directory)
     try:
         loaded = load_model(directory, device="cpu")
         state = TrainerState(**json.loads((directory / TRAINER_STATE_FILE).read_text()))
@@ -83,25 +110,33 @@ def load_optimizer_state(directory: str | os.PathLike, optimizer: torch.optim.Op
         optimizer.load_state_dict(torch.load(Path(directory) / OPTIMIZER_FILE, weights_only=True, map_location="cpu"))
     except (RuntimeError, ValueError, OSError, KeyError) as exc:
         raise CheckpointError(f"optimizer state in {directory} cannot be loaded: {exc}; the checkpoint is corrupt "
-                              "or from another model, delete it to resume from the previous one") from None
+                              "or from another model") from None
 
 
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from a checkpoint path or a run directory (its newest complete checkpoint)."""
-    path = Path(path)
-    if (path / WEIGHTS_FILE).is_file():
-        return path
-    summary = path / "summary.json"
-    if summary.is_file():
-        ckpt = json.loads(summary.read_text()).get("checkpoint")
-        if ckpt and (Path(ckpt) / WEIGHTS_FILE).is_file():
-            return Path(ckpt)
-    candidates = sorted((p for p in path.glob("checkpoints/step_*") if (p / TRAINER_STATE_FILE).is_file()),
-                        key=lambda p: p.name)
-    if not candidates:
-        raise CheckpointError(f"no checkpoint found in {str(path)!r}: pass a run directory written by "
-                              "memtrain pretrain (it holds checkpoints/step_*) or a checkpoint directory")
-    return candidates[-1]
+def find_checkpoint(where: str | os.PathLike | Location) -> Location:
+    """A checkpoint folder from a checkpoint path or a run folder (its newest complete checkpoint); local, on a
+    shared mount or a URI."""
+    location = Location(where)
+    if (location / MANIFEST).is_file() or (location / WEIGHTS_FILE).is_file():
+        return location
+    latest = latest_checkpoint(location, CHECKPOINT_PREFIX)
+    if latest is None:
+        raise CheckpointError(f"no checkpoint found in {location.uri!r}: pass a run folder written by memtrain "
+                              "pretrain or continual (it holds checkpoints/step_*) or a checkpoint folder")
+    return latest.location
+
+
+def load_lm(where: str | os.PathLike | Location, device: str = "cpu") -> tuple[nn.Module, object, Location]:
+    """The model and tokenizer of a checkpoint (or of a run's newest one), wherever it is stored, and the
+    checkpoint's location."""
+    checkpoint = find_checkpoint(where)
+    try:
+        with local_copy(checkpoint) as path:
+            return load_model(path, device=device), load_tokenizer(path), checkpoint
+    except StorageError as exc:
+        raise CheckpointError(f"the checkpoint is corrupt: {exc}; use another checkpoint") from None
+    except ModelError as exc:
+        raise CheckpointError(f"checkpoint {checkpoint.uri} is corrupt: {exc}") from None
 
 
 def config_differences(saved: dict, current: dict, keys: list[str]) -> list[str]:
@@ -114,7 +149,3 @@ def config_differences(saved: dict, current: dict, keys: list[str]) -> list[str]
         if a != b:
             out.append(f"{key}: {a!r} -> {b!r}")
     return out
-
-
-def read_yaml(path: Path) -> dict:
-    return yaml.safe_load(path.read_text()) or {}

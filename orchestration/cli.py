@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from memory_service import MemoryServiceError
 from models.common.errors import ModelError
 from orchestration.allocator import keep_freed_memory
 from orchestration.errors import MemtrainError
+from orchestration.ray_utils import add_address_arg
 
 log = logging.getLogger("memtrain")
 
@@ -65,6 +67,7 @@ def _register_pretrain(sub):
     p.add_argument("--max-tokens", dest="max_tokens", type=int, help="token budget (0 = none)")
     p.add_argument("--precision", choices=["fp32", "bf16"])
     p.add_argument("--seed", type=int)
+    add_address_arg(p)
     _add_config_args(p)
     p.set_defaults(func=_cmd_pretrain)
 
@@ -75,13 +78,10 @@ def _cmd_generate(args):
     import torch
 
     from models.common.sampling import SamplingConfig, generate
-    from models.io import load_model, read_model_spec
-    from orchestration.checkpoint import find_checkpoint
-    from orchestration.tokenizers import load_tokenizer
+    from models.io import CONFIG_FILE
+    from orchestration.checkpoint import load_lm
 
-    ckpt = find_checkpoint(args.checkpoint)
-    tok = load_tokenizer(ckpt)
-    model = load_model(ckpt)
+    model, tok, ckpt = load_lm(args.checkpoint)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)
     prompt_ids = tok.encode(args.prompt)
@@ -92,13 +92,14 @@ def _cmd_generate(args):
         raise MemtrainError(f"prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {sampling.max_new_tokens} "
                             f"exceeds the model's max_seq_len {max_len}; shorten one of them")
     new_ids = generate(model, torch.tensor([prompt_ids]), sampling)[0].tolist()
-    print(f"# {read_model_spec(ckpt)[0]} from {ckpt}", file=sys.stderr)
+    print(f"# {(ckpt / CONFIG_FILE).read_json()['name']} from {ckpt}", file=sys.stderr)
     print(args.prompt + tok.decode(new_ids))
 
 
 def _register_generate(sub):
     p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache; greedy/temperature/top-k/top-p)")
-    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="run folder (its newest checkpoint) or checkpoint folder: a path or a URI (s3://...)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -140,6 +141,7 @@ def _register_pipeline(sub):
     p = sub.add_parser("pipeline", help="the whole system on a local Ray cluster, with a report at the end")
     p.add_argument("--output", help="run directory (default runs/pipeline)")
     p.add_argument("--quick", action="store_true", help="a few steps of every stage (for tests and a first look)")
+    add_address_arg(p)
     _add_config_args(p)
     p.set_defaults(func=_cmd_pipeline)
 
@@ -172,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in word or word.startswith("-") for word in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    if getattr(args, "address", None):
+        os.environ["RAY_ADDRESS"] = args.address
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     keep_freed_memory()  # commands that train in this process (critic, memory encoder, continual) reuse memory

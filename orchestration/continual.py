@@ -22,11 +22,12 @@ The stepping API that ``memtrain continual``, the RL env and Tune share::
     ...     obs = result.signals                 # next observation; result.finished_task marks a task boundary
     >>> runner.evaluate_seen()                   # mean held-out loss over the tasks trained so far  # doctest: +SKIP
 
-A run directory holds ``config.yaml``, ``metrics.jsonl`` (one row per interval and per task evaluation),
-``eval_matrix.csv``, ``summary.json`` (strict JSON, written last), ``tokenizer.json``, ``tensorboard/``,
-``eval_matrix.png``, ``knobs.png`` and ``checkpoints/step_NNNNNN/`` (weights, optimizer, replay buffer, EWC
-state, controller state and RNG state). Re-running into the same ``--output`` resumes from the newest
-checkpoint and ends with the same summary as an uninterrupted run.
+A run folder (local, a shared mount or a URI) holds ``config.yaml``, ``metrics.jsonl`` (one row per interval and
+per task evaluation), ``eval_matrix.csv``, ``summary.json`` (strict JSON, written last), ``tokenizer.json``,
+``tensorboard/``, ``eval_matrix.png``, ``knobs.png`` and ``checkpoints/step_NNNNNN/`` (weights, tokenizer,
+optimizer, replay buffer, EWC state, controller state and RNG state; ``memtrain generate`` reads them too).
+Re-running into the same ``--output`` resumes from the newest checkpoint and ends with the same summary as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import json
 import logging
 import math
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,20 +49,22 @@ import torch
 import torch.nn.functional as F
 
 from orchestration.allocator import keep_freed_memory
-from orchestration.checkpoint import config_differences, read_yaml
+from orchestration.checkpoint import CHECKPOINT_PREFIX, checkpoint_name, config_differences
 from orchestration.config import load_config, to_yaml
 from orchestration.continual_control import Controller, Knobs, Signals, resolve_controller
 from orchestration.continual_memory import EWC, ReplayBuffer, mix
 from orchestration.continual_metrics import cl_metrics, finite_or_none, matrix_csv, plot_knobs, plot_matrix
 from orchestration.continual_tasks import StreamConfig, TaskStream, build_stream
 from orchestration.data import DataConfig, WindowOrder
-from orchestration.errors import CheckpointError, ConfigError
-from orchestration.files import write_atomic
+from orchestration.errors import CheckpointError, ConfigError, StorageError
 from orchestration.pretrain import param_groups
+from orchestration.ray_utils import add_address_arg
+from orchestration.storage import (CHECKPOINTS, METRICS_FILE, Location, MetricsLog, TensorBoardLog, copy_folder,
+                                   latest_checkpoint, local_copy, prune_checkpoints)
+from orchestration.tokenizers import TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.pt"  # optimizer, replay buffer, EWC and controller state (tensors; weights_only loading)
 RUNNER_FILE = "runner.json"  # counters, EMA, RNG state, evaluation matrix; written last, marks a complete checkpoint
 # settings that may change when a run is resumed; every other field must match the run being continued
@@ -94,7 +98,8 @@ class ContinualConfig:
     fixed_knobs: Knobs = field(default_factory=Knobs)
     """Knobs of the fixed controller (default: the source's k 2, replay 0.10, noise 0.30, temperature 1.0)."""
     output: str = "runs/continual"
-    """Run directory (re-running into it resumes from its newest checkpoint)."""
+    """Run folder: a local path, a folder every node mounts, or a URI (re-running into it resumes from its newest
+    checkpoint)."""
     seed: int = 0
     """Seed of model init, data order, replay sampling and router noise (tasks are fixed by stream.task_seed)."""
     max_steps_per_task: int = 100
@@ -446,34 +451,32 @@ class ContinualRunner:
     # --- checkpoints ----------------------------------------------------------------------------------------
 
     def save_checkpoint(self, directory: str | Path, controller: Controller | None = None) -> Path:
-        """Write everything a resumed run needs into ``directory`` (atomically: a temporary directory renamed)."""
+        """Write everything a resumed run needs into the local folder ``directory`` (copy it to the run's storage
+        with ``orchestration.storage.copy_folder``, which writes the manifest that marks it complete)."""
         from models.io import save_model
 
         directory = Path(directory)
-        tmp = directory.parent / f".tmp-{directory.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_model(self.model, self.cfg.model, tmp)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_model(self.model, self.cfg.model, directory)
+        shutil.copyfile(self.stream.tokenizer_path, directory / TOKENIZER_FILE)
         torch.save({"optimizer": self.optimizer.state_dict(), "buffer": self.buffer.state_dict(),
                     "ewc": self.ewc.state_dict(), "controller": controller.state_dict() if controller else None},
-                   tmp / STATE_FILE)
+                   directory / STATE_FILE)
         runner = {"seed": self.seed, "counters": dataclasses.asdict(self.state),
                   "rng": self.rng.bit_generator.state, "knobs": dataclasses.asdict(self.knobs),
                   "signals": dataclasses.asdict(self.signals), "matrix": self.matrix, "baseline": self.baseline}
-        (tmp / RUNNER_FILE).write_text(json.dumps(runner))
-        shutil.rmtree(directory, ignore_errors=True)
-        tmp.replace(directory)
+        (directory / RUNNER_FILE).write_text(json.dumps(runner))
         return directory
 
     def load_checkpoint(self, directory: str | Path, controller: Controller | None = None) -> Signals:
-        """Restore a checkpoint written by ``save_checkpoint``; returns the observation to continue from."""
+        """Restore a checkpoint written by ``save_checkpoint`` from a local folder; returns the observation to
+        continue from."""
         directory = Path(directory)
         try:
             runner = json.loads((directory / RUNNER_FILE).read_text())
             state = torch.load(directory / STATE_FILE, weights_only=True, map_location="cpu")
         except (OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"checkpoint {directory} is incomplete or corrupt ({exc}); delete it to resume "
-                                  "from the previous one") from None
+            raise CheckpointError(f"checkpoint {directory} is incomplete or corrupt ({exc})") from None
         self.reset(runner["seed"])
         from models.io import load_model
 
@@ -498,26 +501,25 @@ class ContinualRunner:
 
 # --- the driver of one run --------------------------------------------------------------------------------------
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run directory (one whose runner.json, written last, exists)."""
-    done = sorted(p for p in (run_dir / CHECKPOINTS_DIR).glob("step_*") if (p / RUNNER_FILE).is_file())
-    return done[-1] if done else None
-
-
-def _check_resume_compatible(run_dir: Path, cfg: ContinualConfig) -> None:
-    saved_path = run_dir / "config.yaml"
-    if latest_checkpoint(run_dir) is None or not saved_path.is_file():
+def _check_resume_compatible(run: Location, cfg: ContinualConfig) -> None:
+    saved = run / "config.yaml"
+    if not saved.is_file() or latest_checkpoint(run, CHECKPOINT_PREFIX) is None:
         return
     current = dataclasses.asdict(cfg)
     keys = [k for k in current if k not in RESUMABLE_CHANGES]
-    diffs = config_differences(read_yaml(saved_path), current, keys)
+    diffs = config_differences(saved.read_yaml() or {}, current, keys)
     if diffs:
-        raise CheckpointError(f"{run_dir} holds a run with different settings, so it cannot be resumed: "
-                              f"{'; '.join(diffs)}. Use the same settings, or a new --output directory")
+        raise CheckpointError(f"{run} holds a run with different settings, so it cannot be resumed: "
+                              f"{'; '.join(diffs)}. Use the same settings, or a new --output")
 
 
-def _read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+def finished_summary(run: Location) -> dict | None:
+    """The summary of a finished run in this folder, or None."""
+    try:
+        summary = (run / "summary.json").read_json()
+    except (FileNotFoundError, StorageError):
+        return None
+    return summary if summary.get("status") == "finished" else None
 
 
 def run_continual(cfg: ContinualConfig, controller: Controller | None = None,
@@ -530,42 +532,33 @@ def run_continual(cfg: ContinualConfig, controller: Controller | None = None,
         ...                   "max_steps_per_task=10", "output=runs/doc-cl"])            # doctest: +SKIP
         >>> run_continual(cfg)["forgetting"]                                          # doctest: +SKIP
     """
-    from torch.utils.tensorboard import SummaryWriter
-
-    run_dir = Path(cfg.output).expanduser().resolve()
-    cfg = dataclasses.replace(cfg, output=str(run_dir))
+    run = Location(cfg.output)
+    cfg = dataclasses.replace(cfg, output=run.uri)
     controller = controller or resolve_controller(cfg.controller, cfg.fixed_knobs)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_resume_compatible(run_dir, cfg)
-    if (run_dir / "summary.json").is_file() and latest_checkpoint(run_dir) is not None:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        if summary.get("status") == "finished":
-            log.info("%s is finished; its summary is %s", run_dir, run_dir / "summary.json")
-            return summary
-    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    _check_resume_compatible(run, cfg)
+    ckpt = latest_checkpoint(run, CHECKPOINT_PREFIX)
+    summary = finished_summary(run) if ckpt is not None else None
+    if summary is not None:
+        log.info("%s is finished; its summary is %s", run, run / "summary.json")
+        return summary
+    (run / "config.yaml").write_text(to_yaml(cfg))
     runner = ContinualRunner(cfg, stream)
-    shutil.copy2(runner.stream.tokenizer_path, run_dir / "tokenizer.json")
-    metrics_path = run_dir / "metrics.jsonl"
-    ckpt = latest_checkpoint(run_dir)
+    (run / TOKENIZER_FILE).write_text(Path(runner.stream.tokenizer_path).read_text())
+    metrics = MetricsLog(run / METRICS_FILE)
     if ckpt is not None:
-        obs = runner.load_checkpoint(ckpt, controller)
-        # rows written after the checkpoint are redone by this run
-        kept = [r for r in _read_rows(metrics_path) if r["step"] <= runner.step]
-        write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-        log.info("resumed %s from %s (task %d, step %d)", run_dir, ckpt.name, runner.state.task, runner.step)
+        with local_copy(ckpt.location) as path:
+            obs = runner.load_checkpoint(path, controller)
+        metrics.keep(lambda r: r["step"] <= runner.step)  # rows written after the checkpoint are redone
+        log.info("resumed %s from %s (task %d, step %d)", run, ckpt.location.name, runner.state.task, runner.step)
     else:
         obs = runner.reset()
-        metrics_path.unlink(missing_ok=True)
+        (run / METRICS_FILE).remove()
         runner.record_baseline()
-    tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=runner.step + 1 if ckpt else None)
+    tb = TensorBoardLog(run / "tensorboard", purge_step=runner.step + 1 if ckpt else None)
     names = [t.name for t in runner.tasks]
     log.info("continual %s on %s: %d tasks x %d steps, controller %s, %s parameters", cfg.model,
              cfg.stream.benchmark, len(names), cfg.max_steps_per_task, cfg.controller,
              f"{runner.model.num_params():,}")
-
-    def write(row: dict) -> None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
 
     while not runner.done:
         knobs = controller.act(obs)
@@ -573,40 +566,39 @@ def run_continual(cfg: ContinualConfig, controller: Controller | None = None,
         obs = result.signals
         row = {"kind": "interval", **dataclasses.asdict(obs), "tokens": runner.state.tokens,
                "flops": runner.state.flops, "wall_s": result.wall_s, "signal_s": result.signal_s}
-        write(row)
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and key not in ("step", "task"):
-                tb.add_scalar(f"continual/{key}", value, obs.step)
+        metrics.append(row)
+        tb.scalars({k: v for k, v in row.items() if k not in ("step", "task")}, obs.step, "continual")
         log.info("task %d step %d | loss %.3f ema %.3f | std %.3f dist %.4f eta %.2f | grad %.2f | k %d replay %.2f "
                  "| %.0f tok/s", obs.task, obs.step, obs.loss, obs.ema_loss, obs.loss_std, obs.stat_distance,
                  obs.tiur_efficiency, obs.grad_norm, knobs.k, knobs.replay_ratio, result.tokens / result.wall_s)
         if result.finished_task is not None:
             losses = runner.record_matrix_row()
-            write({"kind": "eval", "step": runner.step, "after_task": result.finished_task, "test_losses": losses,
-                   **{k: v for k, v in runner.metrics().items()}})
-            for j, value in enumerate(losses):
-                tb.add_scalar(f"eval/{names[j]}", value, runner.step)
+            metrics.append({"kind": "eval", "step": runner.step, "after_task": result.finished_task,
+                            "test_losses": losses, **runner.metrics()})
+            tb.scalars(dict(zip(names, losses)), runner.step, "eval")
             log.info("after task %d: test losses %s", result.finished_task, " ".join(f"{v:.3f}" for v in losses))
         if cfg.interrupt_at_step and runner.step >= cfg.interrupt_at_step and not runner.done:
             tb.close()
             log.warning("drill: stopping at step %d without a checkpoint (interrupt_at_step)", runner.step)
             return {"status": "interrupted", "step": runner.step}
         if result.finished_task is not None or runner.state.intervals % cfg.checkpoint_every == 0:
-            runner.save_checkpoint(run_dir / CHECKPOINTS_DIR / f"step_{runner.step:06d}", controller)
-            for old in sorted((run_dir / CHECKPOINTS_DIR).glob("step_*"))[:-cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            with tempfile.TemporaryDirectory(prefix="memtrain-ckpt-") as tmp:
+                copy_folder(runner.save_checkpoint(tmp, controller), run / CHECKPOINTS / checkpoint_name(runner.step))
+            prune_checkpoints(run, CHECKPOINT_PREFIX, cfg.keep_checkpoints)
+            tb.flush(upload=True)
     tb.close()
-    return _finish(run_dir, cfg, runner, names)
+    return _finish(run, cfg, runner, names)
 
 
-def _finish(run_dir: Path, cfg: ContinualConfig, runner: ContinualRunner, names: list[str]) -> dict:
+def _finish(run: Location, cfg: ContinualConfig, runner: ContinualRunner, names: list[str]) -> dict:
     """Matrix CSV, plots and summary.json (last) of a finished run."""
     s = runner.state
-    write_atomic(run_dir / "eval_matrix.csv", matrix_csv(runner.matrix, names, runner.baseline))
-    plot_matrix(runner.matrix, names, runner.baseline, run_dir / "eval_matrix.png")
-    rows = [r for r in _read_rows(run_dir / "metrics.jsonl") if r["kind"] == "interval"]
-    switches = [r["step"] for r in _read_rows(run_dir / "metrics.jsonl") if r["kind"] == "eval"][:-1]
-    plot_knobs(rows, switches, run_dir / "knobs.png")
+    (run / "eval_matrix.csv").write_text(matrix_csv(runner.matrix, names, runner.baseline))
+    plot_matrix(runner.matrix, names, runner.baseline, run / "eval_matrix.png")
+    all_rows = MetricsLog(run / METRICS_FILE).rows()
+    rows = [r for r in all_rows if r["kind"] == "interval"]
+    switches = [r["step"] for r in all_rows if r["kind"] == "eval"][:-1]
+    plot_knobs(rows, switches, run / "knobs.png")
     summary = {
         "status": "finished",
         "model": cfg.model, "benchmark": cfg.stream.benchmark, "controller": cfg.controller, "seed": cfg.seed,
@@ -620,12 +612,13 @@ def _finish(run_dir: Path, cfg: ContinualConfig, runner: ContinualRunner, names:
         "time": {"train_s": round(s.train_s, 2), "eval_s": round(s.eval_s, 2), "signal_s": round(s.signal_s, 3),
                  "signal_fraction": round(s.signal_s / max(s.train_s, 1e-9), 4),
                  "tokens_per_s": round(s.tokens / max(s.train_s, 1e-9), 1)},
-        "files": {"checkpoint": str(latest_checkpoint(run_dir)), "matrix": str(run_dir / "eval_matrix.csv")},
+        "files": {"checkpoint": latest_checkpoint(run, CHECKPOINT_PREFIX).location.uri,
+                  "matrix": (run / "eval_matrix.csv").uri},
     }
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
+    (run / "summary.json").write_json(summary)
     log.info("done: avg final loss %.3f, forgetting %s, BWT %s, FWT %s; summary %s", summary["avg_final_loss"],
              summary["forgetting"], summary["backward_transfer"], summary["forward_transfer"],
-             run_dir / "summary.json")
+             run / "summary.json")
     return summary
 
 
@@ -689,6 +682,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--output", help="run directory")
     p.add_argument("--config", help="YAML config file (see configs/continual/); flags and overrides win over it")
+    add_address_arg(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field, e.g. ewc_lambda=100")
     p.set_defaults(func=_cmd_continual)
 
@@ -697,5 +691,6 @@ def register(subparsers) -> None:
         description="Run every combination in parallel as Ray tasks, skip runs that already have a summary, and "
                     "write one results table (results.csv, results.md) under the grid's output.")
     g.add_argument("file", help="grid YAML (see configs/continual/grid-permuted.yaml)")
+    add_address_arg(g)
     g.add_argument("overrides", nargs="*", metavar="key=value", help="override grid fields, e.g. seeds=[0,1]")
     g.set_defaults(func=_cmd_grid)

@@ -1,9 +1,13 @@
 """A grid of continual-learning runs (variants x controllers x benchmarks x seeds) as parallel Ray tasks.
 
-Each run writes its own directory ``<output>/<benchmark>/<variant>/<controller>/seed<S>/``; a run whose
+Each run writes its own folder ``<output>/<benchmark>/<variant>/<controller>/seed<S>/``; a run whose
 ``summary.json`` says finished is skipped, and an interrupted one resumes from its newest checkpoint, so
 re-running the same grid only does what is missing. The grid ends with one table: ``results.csv`` (a row per
 run) and ``results.md`` (the same rows, then mean and standard deviation over seeds per group).
+
+The runs are Ray tasks that may land on any node: the driver builds each distinct task stream once, publishes it
+under ``<output>/data/`` and every run reads it from there (one copy per node), and ``output`` must be a URI or a
+folder every node mounts when the cluster has several nodes (a node-local one is refused before anything runs).
 
 Example (``configs/continual/grid-permuted.yaml``)::
 
@@ -28,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestration.config import from_dict, load_config
-from orchestration.continual import ContinualConfig, run_continual
-from orchestration.continual_tasks import build_stream
+from orchestration.config import load_config
+from orchestration.continual import ContinualConfig, finished_summary, run_continual
+from orchestration.continual_tasks import build_stream, load_stream
 from orchestration.errors import ConfigError
-from orchestration.files import write_atomic
 from orchestration.report import markdown_table
+from orchestration.storage import BundleRef, Location, fetch_bundle, publish_bundle, require_shared
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,8 @@ class GridConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Training seeds of every combination."""
     output: str = "runs/continual-grid"
-    """Grid directory: one sub-directory per run, results.csv and results.md."""
+    """Grid folder (a local path, a folder every node mounts, or a URI): one sub-folder per run, data/ (the
+    published task streams), results.csv and results.md."""
     cpus_per_run: float = 1.0
     """Ray CPUs reserved by each run (runs in parallel = cluster CPUs / cpus_per_run)."""
     threads_per_run: int = 1
@@ -89,27 +94,22 @@ def expand(grid: GridConfig) -> list[GridRun]:
             own = load_config(ContinualConfig, overrides=list(overrides), **base)
             for controller in grid.controllers or [own.controller]:
                 for seed in grid.seeds:
-                    out = Path(grid.output).expanduser().resolve() / benchmark / variant / controller / f"seed{seed}"
+                    out = Location(grid.output) / benchmark / variant / controller / f"seed{seed}"
                     cfg = dataclasses.replace(own, stream=dataclasses.replace(own.stream, benchmark=benchmark),
-                                              controller=controller, seed=seed, output=str(out),
+                                              controller=controller, seed=seed, output=out.uri,
                                               threads=grid.threads_per_run)
                     runs.append(GridRun(benchmark, variant, controller, seed, cfg))
     return runs
 
 
-def _run_remote(cfg_dict: dict) -> dict:
-    """Body of one Ray task: rebuild the config and run (or resume) it."""
+def _run_remote(cfg: ContinualConfig, stream: BundleRef) -> dict:
+    """Body of one Ray task, on any node: this node's copy of the published stream, then run (or resume)."""
     logging.basicConfig(level=logging.WARNING)
-    return run_continual(from_dict(ContinualConfig, cfg_dict))
+    return run_continual(cfg, stream=load_stream(fetch_bundle(stream, cfg.data.cache_dir), cfg.data.seq_len))
 
 
-def _finished(run: GridRun) -> dict | None:
-    path = Path(run.cfg.output) / "summary.json"
-    if path.is_file():
-        summary = json.loads(path.read_text())
-        if summary.get("status") == "finished":
-            return summary
-    return None
+def _stream_key(cfg: ContinualConfig) -> str:
+    return json.dumps([dataclasses.asdict(cfg.stream), dataclasses.asdict(cfg.data)], sort_keys=True)
 
 
 def run_grid(grid: GridConfig) -> list[dict]:
@@ -119,17 +119,11 @@ def run_grid(grid: GridConfig) -> list[dict]:
     from orchestration.ray_utils import ensure_ray
 
     runs = expand(grid)
-    out = Path(grid.output).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    # tokenize each distinct stream once on the driver, so parallel runs find it cached instead of racing
-    for key in {json.dumps([dataclasses.asdict(r.cfg.stream), dataclasses.asdict(r.cfg.data)]) for r in runs}:
-        stream_cfg, data_cfg = json.loads(key)
-        probe = from_dict(ContinualConfig, {"stream": stream_cfg, "data": data_cfg})
-        build_stream(probe.stream, probe.data)
+    out = Location(grid.output)
     summaries: dict[int, dict] = {}
     todo = []
     for i, run in enumerate(runs):
-        done = _finished(run)
+        done = finished_summary(Location(run.cfg.output))
         if done is not None:
             summaries[i] = {**done, "grid_status": "skipped"}
         else:
@@ -137,8 +131,16 @@ def run_grid(grid: GridConfig) -> list[dict]:
     log.info("grid: %d runs, %d already finished, %d to run", len(runs), len(runs) - len(todo), len(todo))
     if todo:
         ensure_ray()
+        require_shared(out, "output")
+        # tokenize each distinct stream once, on the driver, and publish it for the runs on every node
+        streams: dict[str, BundleRef] = {}
+        for i in todo:
+            key = _stream_key(runs[i].cfg)
+            if key not in streams:
+                local = Path(build_stream(runs[i].cfg.stream, runs[i].cfg.data).folder)
+                streams[key] = publish_bundle(local, out / "data" / local.name)
         task = ray.remote(_run_remote).options(num_cpus=grid.cpus_per_run, max_retries=0)
-        pending = {task.remote(dataclasses.asdict(runs[i].cfg)): i for i in todo}
+        pending = {task.remote(runs[i].cfg, streams[_stream_key(runs[i].cfg)]): i for i in todo}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ready[0])
@@ -185,13 +187,13 @@ def _mean_std(values: np.ndarray) -> str:
     return f"{values.mean():.4f} ± {std:.4f}" if math.isfinite(std) else f"{values.mean():.4f}"
 
 
-def write_results(out: Path, rows: list[dict]) -> None:
+def write_results(out: Location, rows: list[dict]) -> None:
     """results.csv (one row per run) and results.md (per-run table, then the seed aggregate)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    write_atomic(out / "results.csv", buf.getvalue())
+    (out / "results.csv").write_text(buf.getvalue())
     agg = aggregate(rows)
     md = ["# continual grid results", "", "## mean ± std over seeds (losses in nats/token)", "",
           markdown_table(agg, [*GROUP_KEYS, "model", "seeds", "avg_final_loss", "forgetting", "backward_transfer",
@@ -199,4 +201,4 @@ def write_results(out: Path, rows: list[dict]) -> None:
           "", "## every run", "",
           markdown_table(rows, [*GROUP_KEYS, "seed", "status", "avg_final_loss", "forgetting", "backward_transfer",
                                 "forward_transfer", "signal_fraction", "train_s", "error"]), ""]
-    write_atomic(out / "results.md", "\n".join(md))
+    (out / "results.md").write_text("\n".join(md))

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import numpy as np
+
+from orchestration.report import pyplot, save_png
+from orchestration.storage import Location
 
 
 def cl_metrics(matrix_TT: np.ndarray, baseline: np.ndarray | None = None) -> dict[str, float | None]:
@@ -59,13 +61,9 @@ def matrix_csv(matrix: list[list[float]], task_names: list[str], baseline: list[
 
 
 def plot_matrix(matrix: list[list[float]], task_names: list[str], baseline: list[float] | None,
-                out_png: str | os.PathLike) -> Path:
+                out_png: str | os.PathLike | Location) -> Location:
     """Heatmap of the evaluation matrix (rows: after training a task; columns: evaluated task)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = ([baseline] if baseline is not None else []) + matrix
     labels = (["init"] if baseline is not None else []) + [f"after {n}" for n in task_names[:len(matrix)]]
     data = np.array(rows)
@@ -77,20 +75,12 @@ def plot_matrix(matrix: list[list[float]], task_names: list[str], baseline: list
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v > data.mean() else "k", fontsize=8)
     fig.colorbar(im, ax=ax, label="held-out loss (nats/token)")
     ax.set_title("evaluation matrix (test split)")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_png(fig, out_png)
 
 
-def plot_knobs(rows: list[dict], task_steps: list[int], out_png: str | os.PathLike) -> Path:
+def plot_knobs(rows: list[dict], task_steps: list[int], out_png: str | os.PathLike | Location) -> Location:
     """Training loss and the four knobs against the global step; dotted lines mark task switches."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("loss", "loss (new data)"), ("k", "k"), ("replay_ratio", "replay ratio"),
               ("router_noise", "router noise"), ("router_temperature", "router temperature")]
     fig, axes = plt.subplots(len(panels), 1, figsize=(6.5, 1.6 * len(panels)), sharex=True)
@@ -102,11 +92,7 @@ def plot_knobs(rows: list[dict], task_steps: list[int], out_png: str | os.PathLi
         for s in task_steps:
             ax.axvline(s, color="grey", linestyle=":", linewidth=0.8)
     axes[-1].set_xlabel("training step")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_png(fig, out_png)
 
 
 def finite_or_none(value: float | None) -> float | None:

@@ -14,8 +14,10 @@ with ``task_seed`` and cut into tasks, and each task's documents split into trai
 text is shared between a task's train, validation and test splits (the source drew validation from the
 training pool, spec §5 B12). One tokenizer (trained on the tasks' training text only) serves every task.
 
-Shards are cached under ``data.cache_dir`` by a hash of the settings and the text, so grid runs and RL envs
-on the same stream tokenize once.
+A stream is a data bundle (``orchestration.storage.bundles``): tokenizer, shards and ``stream.json`` in this
+node's ``data.cache_dir``, named by a hash of the settings and the text, so grid runs and RL envs on the same
+stream tokenize once per node. ``publish_bundle`` puts it in shared storage and ``load_stream(fetch_bundle(...))``
+opens it on another node (``memtrain continual-grid`` does this for its runs).
 
 Example::
 
@@ -34,8 +36,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +43,7 @@ import numpy as np
 
 from orchestration.data import Corpus, DataConfig, TokenWindows, load_corpus, resolve_tokenizer
 from orchestration.errors import ConfigError, DataError
+from orchestration.storage import Location, build_bundle
 from orchestration.tokenizers import TOKENIZER_FILE, TextTokenizer, token_dtype
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class TaskStream:
     vocab_size: int
     eos_id: int
     permutations: np.ndarray | None  # (n_permutations, vocab_size) int64; row p maps token id -> permuted id
+    folder: str  # this node's bundle folder holding all of the above (publish it to share the stream)
 
 
 # --- documents --------------------------------------------------------------------------------------------------
@@ -247,15 +249,11 @@ def _encode(tok: TextTokenizer, docs: list[str]) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+STREAM_FILE = "stream.json"
 
 
 def build_stream(cfg: StreamConfig, data: DataConfig) -> TaskStream:
-    """Load, split, tokenize and (for ``permuted``) permute every task; reuses cached shards when present.
+    """Load, split, tokenize and (for ``permuted``) permute every task into this node's cache, or reuse it there.
 
     Raises DataError when a split of a task is too short for one window of ``data.seq_len + 1`` tokens.
     """
@@ -267,30 +265,51 @@ def build_stream(cfg: StreamConfig, data: DataConfig) -> TaskStream:
         for split in TASK_SPLITS:
             for doc in splits[split]:
                 digest.update(hashlib.sha1(doc.encode("utf-8")).digest())
-    cache = Path(data.cache_dir).expanduser() / f"continual-{digest.hexdigest()[:24]}"
-    cache.mkdir(parents=True, exist_ok=True)
-    train_docs = [doc for _, splits in parts for doc in splits["train"]]
-    tok = resolve_tokenizer(data, Corpus("continual", {"train": train_docs}), cache)  # trained on train text only
-    perms, perm_of_task = (make_permutations(cfg, tok.vocab_size, tok.eos_id) if cfg.benchmark == "permuted"
-                           else (None, [-1] * cfg.n_tasks))
-    dtype = token_dtype(tok.vocab_size)
-    tasks = []
-    for t, (domain, splits) in enumerate(parts):
-        shards = {}
-        for split in TASK_SPLITS:
-            path = cache / f"task{t:03d}_{split}.npy"
-            if not path.is_file():
+
+    def build(folder: Path) -> None:
+        train_docs = [doc for _, splits in parts for doc in splits["train"]]
+        # trained on the tasks' training text only
+        tok = resolve_tokenizer(data, Corpus("continual", {"train": train_docs}), Location(folder))
+        perms, perm_of_task = (make_permutations(cfg, tok.vocab_size, tok.eos_id) if cfg.benchmark == "permuted"
+                               else (None, [-1] * cfg.n_tasks))
+        dtype = token_dtype(tok.vocab_size)
+        tasks = []
+        for t, (domain, splits) in enumerate(parts):
+            n_tokens = {}
+            for split in TASK_SPLITS:
                 tokens = _encode(tok, splits[split])
                 if perms is not None:
                     tokens = perms[perm_of_task[t]][tokens]
-                _save_npy(path, tokens.astype(dtype))
-            n_tokens = np.load(path, mmap_mode="r").shape[0]
-            if n_tokens < data.seq_len + 1:
-                raise DataError(f"task {t} ({domain}) has only {n_tokens} {split} tokens, fewer than one window of "
-                                f"data.seq_len + 1 = {data.seq_len + 1}; use fewer tasks (--tasks), a shorter "
-                                "data.seq_len or a larger corpus")
-            shards[split] = str(path)
-        name = f"permuted-{t}" if cfg.benchmark == "permuted" else f"{domain}-{t}"
-        tasks.append(Task(t, name, domain, shards, {s: len(splits[s]) for s in TASK_SPLITS}, perm_of_task[t]))
-    log.info("%s stream: %d tasks, vocab %d, shards in %s", cfg.benchmark, len(tasks), tok.vocab_size, cache)
-    return TaskStream(tasks, str(cache / TOKENIZER_FILE), tok.vocab_size, tok.eos_id, perms)
+                np.save(folder / f"task{t:03d}_{split}.npy", tokens.astype(dtype))
+                n_tokens[split] = len(tokens)
+            name = f"permuted-{t}" if cfg.benchmark == "permuted" else f"{domain}-{t}"
+            tasks.append({"index": t, "name": name, "domain": domain, "permutation": perm_of_task[t],
+                          "n_documents": {s: len(splits[s]) for s in TASK_SPLITS}, "n_tokens": n_tokens})
+        if perms is not None:
+            np.save(folder / "permutations.npy", perms)
+        (folder / STREAM_FILE).write_text(json.dumps({"benchmark": cfg.benchmark, "vocab_size": tok.vocab_size,
+                                                      "eos_id": tok.eos_id, "tasks": tasks}))
+
+    folder = build_bundle(data.cache_dir, f"continual-{digest.hexdigest()[:24]}", build)
+    stream = load_stream(folder, data.seq_len)
+    log.info("%s stream: %d tasks, vocab %d, shards in %s", cfg.benchmark, len(stream.tasks), stream.vocab_size,
+             folder)
+    return stream
+
+
+def load_stream(folder: str | Path, seq_len: int) -> TaskStream:
+    """The stream in a local bundle folder (made by ``build_stream``, or fetched from shared storage); raises
+    DataError when a split of a task is too short for one window of ``seq_len + 1`` tokens."""
+    folder = Path(folder)
+    spec = json.loads((folder / STREAM_FILE).read_text())
+    tasks = []
+    for t in spec["tasks"]:
+        for split, n_tokens in t["n_tokens"].items():
+            if n_tokens < seq_len + 1:
+                raise DataError(f"task {t['index']} ({t['domain']}) has only {n_tokens} {split} tokens, fewer than "
+                                f"one window of data.seq_len + 1 = {seq_len + 1}; use fewer tasks (--tasks), a "
+                                "shorter data.seq_len or a larger corpus")
+        shards = {split: str(folder / f"task{t['index']:03d}_{split}.npy") for split in TASK_SPLITS}
+        tasks.append(Task(t["index"], t["name"], t["domain"], shards, t["n_documents"], t["permutation"]))
+    perms = np.load(folder / "permutations.npy") if (folder / "permutations.npy").is_file() else None
+    return TaskStream(tasks, str(folder / TOKENIZER_FILE), spec["vocab_size"], spec["eos_id"], perms, str(folder))

@@ -8,14 +8,21 @@ Sources (``DataConfig.source``):
 - a local file or folder of ``.txt``, ``.csv``, ``.parquet`` or ``.jsonl`` files. In a folder, files whose names
   contain ``train``, ``valid``/``dev`` or ``test`` form those splits.
 
-Token shards are ``.npy`` arrays (uint16 when the vocabulary fits) cached by a hash of the tokenizer and the text,
-so a second run on the same corpus starts at once. Every worker memory-maps them and reads only its own windows.
+- a URI of a file or folder of those (``s3://bucket/corpus/``), copied to the driver first.
+
+The driver reads the corpus, fixes the tokenizer (saved in the run folder) and writes the token shards: ``.npy``
+arrays (uint16 when the vocabulary fits) in a bundle named by a hash of the tokenizer and the text. The bundle
+is built once in the node's cache (``data.cache_dir``), published to shared storage (``data.store``, by default
+``<output>/data``), and each worker node copies it once into its own cache (``orchestration.storage.bundles``), so
+no worker ever opens a file that only exists on the driver's disk. Workers memory-map the shards and read only
+their own windows.
 
 Example::
 
     >>> cfg = DataConfig(source="builtin", tokenizer="bytes", seq_len=64)
-    >>> data = prepare_data(cfg, run_dir=tempfile.mkdtemp())        # doctest: +SKIP
-    >>> x_BT, y_BT = TokenWindows(data.train_path, 64).batch(np.arange(8))   # doctest: +SKIP
+    >>> data = prepare_data(cfg, Location(tempfile.mkdtemp()))                # doctest: +SKIP
+    >>> paths = data.shard_paths(cfg.cache_dir)        # on any node: its own copy  # doctest: +SKIP
+    >>> x_BT, y_BT = TokenWindows(paths["train"], 64).batch(np.arange(8))    # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -25,9 +32,7 @@ import csv
 import hashlib
 import json
 import logging
-import os
 import sysconfig
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +40,9 @@ import numpy as np
 import torch
 
 from orchestration.errors import DataError
+from orchestration.storage import BundleRef, Location, build_bundle, fetch_bundle, is_uri, local_copy, publish_bundle
 from orchestration.tokenizers import (TOKENIZER_FILE, ByteTokenizer, TextTokenizer, load_tokenizer, token_dtype,
-                                      train_bpe)
+                                      tokenizer_from_json, train_bpe)
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +67,18 @@ class DataConfig:
     max_documents: int = 0
     """Use at most this many documents per split (0 = all); handy for quick runs on big corpora."""
     cache_dir: str = "~/.cache/memtrain/shards"
-    """Where tokenized shards are cached, keyed by a hash of tokenizer and text."""
+    """This node's cache of token shards (each node keeps its own copy, keyed by a hash of tokenizer and text)."""
+    store: str = ""
+    """Shared storage the token shards are published to for the workers of every node: a URI or a folder every
+    node mounts ("" = <output>/data)."""
 
     def __post_init__(self):
         if self.seq_len < 2:
             raise DataError(f"data.seq_len must be at least 2, got {self.seq_len}")
         if not 0.0 < self.val_fraction < 1.0:
             raise DataError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.max_documents < 0:
+            raise DataError(f"data.max_documents must be >= 0 (0 = all), got {self.max_documents}")
 
 
 # --- sources ----------------------------------------------------------------------------------------------------
@@ -234,21 +245,41 @@ def _stable_fraction(text: str) -> float:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
 
 
+def check_source(source: str) -> str:
+    """The kind of a corpus source (builtin, hub, uri or local); an unknown name or a missing local path raises
+    DataError here, before any work starts."""
+    if source == "builtin":
+        return "builtin"
+    if source in HUB_SOURCES:
+        return "hub"
+    if is_uri(source):
+        return "uri"
+    if Path(source).expanduser().exists():
+        return "local"
+    if any(ch in source for ch in "/\\."):
+        raise DataError(f"no such file or folder: {source!r}; --data takes a path to a .txt/.csv/.parquet/.jsonl "
+                        f"file or folder, a URI of one (s3://...), or one of {', '.join(NAMED_SOURCES)}")
+    raise DataError(f"unknown dataset {source!r}; named sources: {', '.join(NAMED_SOURCES)}; "
+                    "or give a path to a local file or folder")
+
+
 def load_corpus(cfg: DataConfig) -> Corpus:
     """Documents of every split of ``cfg.source``, with a validation split carved from train when missing."""
     source = cfg.source
-    if source == "builtin":
+    kind = check_source(source)
+    if kind == "builtin":
         corpus = Corpus("builtin", {"train": builtin_documents()})
-    elif source in HUB_SOURCES:
+    elif kind == "hub":
         corpus = load_hub(source)
-    elif Path(source).expanduser().exists():
-        corpus = load_local(Path(source).expanduser(), cfg.text_column)
-    elif any(ch in source for ch in "/\\."):
-        raise DataError(f"no such file or folder: {source!r}; --data takes a path to a .txt/.csv/.parquet/.jsonl "
-                        f"file or folder, or one of {', '.join(NAMED_SOURCES)}")
+    elif kind == "uri":
+        try:
+            with local_copy(Location(source), verify=False) as path:
+                corpus = load_local(path, cfg.text_column)
+        except FileNotFoundError:
+            raise DataError(f"no such file or folder: {source!r}") from None
+        corpus.name = source
     else:
-        raise DataError(f"unknown dataset {source!r}; named sources: {', '.join(NAMED_SOURCES)}; "
-                        "or give a path to a local file or folder")
+        corpus = load_local(Path(source).expanduser(), cfg.text_column)
     train = corpus.splits.get("train", [])
     if not any(doc.strip() for doc in train):
         raise DataError(f"corpus {corpus.name!r} is empty: its training split holds no text. "
@@ -273,26 +304,28 @@ def load_corpus(cfg: DataConfig) -> Corpus:
 
 @dataclass
 class PreparedData:
-    """What a training worker needs: the tokenizer file and one token shard per split."""
-    tokenizer_path: str
+    """What a training worker needs, on any node: the published bundle of token shards and tokenizer."""
+    bundle: BundleRef
+    """train.npy, validation.npy (and test.npy when the corpus has it) and tokenizer.json, in shared storage."""
     vocab_size: int
-    shard_paths: dict[str, str]
     n_tokens: dict[str, int]
+    """Tokens per split."""
 
-    @property
-    def train_path(self) -> str:
-        return self.shard_paths["train"]
+    def shard_paths(self, cache_dir: str) -> dict[str, str]:
+        """Split -> path of its shard in this node's cache (copied there once per node)."""
+        folder = fetch_bundle(self.bundle, cache_dir)
+        return {split: str(folder / f"{split}.npy") for split in self.n_tokens}
 
-    @property
-    def val_path(self) -> str:
-        return self.shard_paths["validation"]
+    def tokenizer_json(self, cache_dir: str) -> str:
+        return (fetch_bundle(self.bundle, cache_dir) / TOKENIZER_FILE).read_text()
 
 
-def resolve_tokenizer(cfg: DataConfig, corpus: Corpus, run_dir: Path) -> TextTokenizer:
-    """The run's tokenizer: the one saved in ``run_dir`` (a resumed run), a given file, or a newly trained one."""
-    saved = run_dir / TOKENIZER_FILE
+def resolve_tokenizer(cfg: DataConfig, corpus: Corpus, run: Location) -> TextTokenizer:
+    """The run's tokenizer: the one saved in the run folder (a resumed run), a given file, or a newly trained one
+    (then saved in the run folder)."""
+    saved = run / TOKENIZER_FILE
     if saved.is_file():
-        return load_tokenizer(saved)
+        return tokenizer_from_json(saved.read_text())
     if cfg.tokenizer == "bytes":
         tok = ByteTokenizer()
     elif cfg.tokenizer == "bpe":
@@ -300,8 +333,8 @@ def resolve_tokenizer(cfg: DataConfig, corpus: Corpus, run_dir: Path) -> TextTok
                  len(corpus.splits["train"]))
         tok = train_bpe(corpus.splits["train"], cfg.vocab_size)
     else:
-        tok = load_tokenizer(Path(cfg.tokenizer).expanduser())
-    tok.save(run_dir)
+        tok = load_tokenizer(cfg.tokenizer)
+    saved.write_text(tok.to_json())
     return tok
 
 
@@ -317,33 +350,30 @@ def _encode_split(tok: TextTokenizer, docs: list[str]) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
 
 
-def prepare_data(cfg: DataConfig, run_dir: str | os.PathLike) -> PreparedData:
-    """Load the corpus, fix the tokenizer (saved into ``run_dir``) and write or reuse the cached token shards."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def prepare_data(cfg: DataConfig, run: Location) -> PreparedData:
+    """Load the corpus, fix the tokenizer (saved in the run folder), build the token shards in this node's cache
+    (or reuse them) and publish them to shared storage for the workers."""
     corpus = load_corpus(cfg)
-    tok = resolve_tokenizer(cfg, corpus, run_dir)
+    tok = resolve_tokenizer(cfg, corpus, run)
     digest = hashlib.sha256(tok.to_json().encode())
     for split in sorted(corpus.splits):
         digest.update(split.encode())
         for doc in corpus.splits[split]:
             digest.update(hashlib.sha1(doc.encode("utf-8")).digest())
-    shard_dir = Path(cfg.cache_dir).expanduser() / digest.hexdigest()[:24]
-    paths, counts = {}, {}
-    for split, docs in corpus.splits.items():
-        path = shard_dir / f"{split}.npy"
-        if not path.is_file():
-            tokens = _encode_split(tok, docs)
-            shard_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=shard_dir, suffix=".npy.tmp")
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, tokens)
-            os.replace(tmp, path)
-        paths[split] = str(path)
-        counts[split] = int(np.load(path, mmap_mode="r").shape[0])
+    name = f"shards-{digest.hexdigest()[:24]}"
+
+    def build(folder: Path) -> None:
+        for split, docs in corpus.splits.items():
+            np.save(folder / f"{split}.npy", _encode_split(tok, docs))
+        (folder / TOKENIZER_FILE).write_text(tok.to_json())
+
+    local = build_bundle(cfg.cache_dir, name, build)
+    counts = {split: int(np.load(local / f"{split}.npy", mmap_mode="r").shape[0]) for split in corpus.splits}
+    store = Location(cfg.store) if cfg.store else run / "data"
+    bundle = publish_bundle(local, store / name)
     log.info("data %s: %s tokens, vocab %d, shards in %s", corpus.name,
-             ", ".join(f"{k} {v:,}" for k, v in counts.items()), tok.vocab_size, shard_dir)
-    return PreparedData(str(run_dir / TOKENIZER_FILE), tok.vocab_size, paths, counts)
+             ", ".join(f"{k} {v:,}" for k, v in counts.items()), tok.vocab_size, bundle.uri)
+    return PreparedData(bundle, tok.vocab_size, counts)
 
 
 # --- reading windows --------------------------------------------------------------------------------------------

@@ -18,20 +18,18 @@ import os
 from pathlib import Path
 
 from orchestration.errors import MemtrainError
-from orchestration.files import write_atomic
+from orchestration.ray_utils import add_address_arg
+from orchestration.storage import Location, local_copy, staged
 
 
 def _load_lm(checkpoint: str):
-    from models.io import load_model
-    from orchestration.checkpoint import find_checkpoint
-    from orchestration.tokenizers import load_tokenizer
+    from orchestration.checkpoint import load_lm
 
-    ckpt = find_checkpoint(checkpoint)
-    model = load_model(ckpt)
+    model, tokenizer, ckpt = load_lm(checkpoint)
     if not hasattr(model, "set_expert_bias"):
         raise MemtrainError(f"{ckpt} holds a {type(model).__name__}, not an HMST model; pretrain one with "
                             "--model hmst-micro (or another hmst-* preset)")
-    return model, load_tokenizer(ckpt)
+    return model, tokenizer
 
 
 def _memory(args, dim: int):
@@ -48,10 +46,6 @@ def _memory(args, dim: int):
     ensure_ray()
     path = os.path.expanduser(f"~/.cache/memtrain/memory/{args.memory_name}")
     return get_or_create_memory(args.memory_name, MemoryConfig(dim=dim, path=path), namespace=args.namespace)
-
-
-def _write_json(path: Path, value: dict) -> None:
-    write_atomic(path, json.dumps(value, indent=2, allow_nan=False))
 
 
 # --- commands ---------------------------------------------------------------------------------------------------
@@ -77,9 +71,10 @@ def _cmd_train_critic(args) -> None:
     model, tokenizer = _load_lm(args.checkpoint)
     world = FactWorld(FactConfig(seed=args.fact_seed))
     critic, result = train_critic(world, tokenizer, model.cfg.vocab_size, cfg)
-    out = Path(args.output)
-    save_component(critic, "critic", out, {"result": result})
-    _write_json(out / "summary.json", result)
+    out = Location(args.output)
+    with staged(out) as folder:
+        save_component(critic, "critic", folder, {"result": result})
+    (out / "summary.json").write_json(result)
     print(f"[memtrain hmst] critic AUROC on held-out corrupted answers {result['auroc']:.3f} "
           f"(untrained {result['auroc_before']:.3f}); saved to {out}")
 
@@ -95,11 +90,18 @@ def _cmd_train_memory(args) -> None:
     train = tokenizer.encode_batch(corpus.splits["train"])
     held_out = tokenizer.encode_batch(corpus.splits["validation"])
     encoder, result = train_memory_encoder(model.tok_emb, train, held_out, cfg)
-    out = Path(args.output)
-    save_component(encoder, "ssm_encoder", out, {"result": result})
-    _write_json(out / "summary.json", result)
+    out = Location(args.output)
+    with staged(out) as folder:
+        save_component(encoder, "ssm_encoder", folder, {"result": result})
+    (out / "summary.json").write_json(result)
     print(f"[memtrain hmst] episodic encoder top-1 retrieval on held-out spans {result['top1_before']:.3f} -> "
           f"{result['top1_after']:.3f}; saved to {out}")
+
+
+def _component(loader, where: str):
+    """A component saved by train-critic or train-memory, from a folder that may be a URI."""
+    with local_copy(Location(where), verify=False) as path:
+        return loader(path)
 
 
 def _engine(args, model, tokenizer, memory):
@@ -107,8 +109,8 @@ def _engine(args, model, tokenizer, memory):
     from models.hmst.training import load_critic, load_ssm_encoder
 
     return HMSTEngine(model, tokenizer, semantic_memory=memory,
-                      critic=load_critic(args.critic) if args.critic else None,
-                      episodic_encoder=load_ssm_encoder(args.encoder) if args.encoder else None,
+                      critic=_component(load_critic, args.critic) if args.critic else None,
+                      episodic_encoder=_component(load_ssm_encoder, args.encoder) if args.encoder else None,
                       config=EngineConfig(max_new_tokens=args.max_new_tokens))
 
 
@@ -166,6 +168,7 @@ def register(subparsers) -> None:
         p.add_argument("--memory-name", dest="memory_name", help="shared semantic memory actor (Ray)")
         p.add_argument("--memory-path", dest="memory_path", help="in-process semantic memory stored in this directory")
         p.add_argument("--namespace", default="memtrain", help="Ray namespace of the memory actor")
+        add_address_arg(p)
         p.add_argument("--critic", help="directory written by `memtrain hmst train-critic`")
         p.add_argument("--encoder", help="directory written by `memtrain hmst train-memory`")
         p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=6)

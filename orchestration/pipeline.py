@@ -13,6 +13,8 @@ Stages (each one is skipped or resumed when the pipeline is re-run into the same
 6. run a held-out continual-learning stream with the fixed (source default) and the learned controller;
 7. write ``report.md``, ``plots/`` and ``summary.json``.
 
+``output`` may be a local folder, a folder every node mounts, or a URI: every stage writes its run folder there.
+
 Like the CLI, this module sits on top of the others (it drives ``rl``), so its imports of ``rl`` are local.
 """
 
@@ -20,22 +22,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from models.hmst.facts import FactConfig
+from orchestration.checkpoint import load_lm
 from orchestration.config import to_yaml
-from orchestration.errors import MemtrainError
-from orchestration.files import write_atomic
+from orchestration.errors import MemtrainError, StorageError
 from orchestration.pretrain import PretrainConfig, pretrain
-from orchestration.report import markdown_table, plot_loss_curves
+from orchestration.report import markdown_table, plot_loss_curves, pyplot, save_png
+from orchestration.storage import Location, read_metrics, require_shared, staged
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +70,17 @@ class PipelinePretrainConfig(PretrainConfig):
 @dataclass
 class PipelineConfig:
     output: str = "runs/pipeline"
-    """Pipeline directory: report.md, summary.json, plots/, and one sub-directory per stage."""
+    """Pipeline folder (a local path, a folder every node mounts, or a URI): report.md, summary.json, plots/, and
+    one run folder per stage."""
     pretrain: PipelinePretrainConfig = field(default_factory=PipelinePretrainConfig)
     """The pretraining stage (its output is set to <output>/pretrain; its data.source is the natural text mixed
     into the fact corpus, which the stage writes to <output>/facts/corpus.jsonl and trains on)."""
     facts: FactConfig = field(default_factory=FactConfig)
     """The fact world: its corpus is pretrained on, its semantic facts fill the memory, the meta env asks them."""
     memory_name: str = ""
-    """Name of the shared semantic memory actor (namespace "memtrain"; its data lives in <output>/memory);
-    "" = "pipeline-" + a hash of the output directory, so two pipelines on one cluster keep their own memory."""
+    """Name of the shared semantic memory actor (namespace "memtrain"; its data lives in <output>/memory, or in
+    ~/.cache/memtrain/memory/<name> on the actor's node when output is a URI); "" = "pipeline-" + a hash of the
+    output folder, so two pipelines on one cluster keep their own memory."""
     meta_env: dict[str, Any] = field(default_factory=dict)
     """env_config of the meta-controller's env (see rl.envs.meta; checkpoint, memory and facts are set here)."""
     meta_iterations: int = 2
@@ -100,20 +103,20 @@ class PipelineConfig:
     """Seed of the held-out continual-learning comparison (PPO trains on seeds from 0)."""
 
 
-def _finished_stage(stage_dir: Path, max_steps: int) -> dict | None:
+def _finished_stage(stage: Location, max_steps: int) -> dict | None:
     """The summary of a pretraining stage that already ran to ``max_steps`` (so a re-run skips it)."""
-    path = stage_dir / "summary.json"
-    if not path.is_file():
+    try:
+        summary = (stage / "summary.json").read_json()
+    except (FileNotFoundError, StorageError):
         return None
-    summary = json.loads(path.read_text())
     return summary if summary.get("step") == max_steps and summary.get("checkpoint") else None
 
 
-def _stage_pretrain(cfg: PipelineConfig, out: Path) -> dict:
+def _stage_pretrain(cfg: PipelineConfig, out: Location) -> dict:
     from models.hmst.facts import FactWorld, write_corpus
     from orchestration.data import load_corpus
 
-    pre_cfg = dataclasses.replace(cfg.pretrain, output=str(out / "pretrain"))
+    pre_cfg = dataclasses.replace(cfg.pretrain, output=(out / "pretrain").uri)
     pre = _finished_stage(out / "pretrain", pre_cfg.max_steps)
     if pre:
         log.info("stage 1/7: pretraining already finished at step %d (%s)", pre["step"], out / "pretrain")
@@ -121,8 +124,9 @@ def _stage_pretrain(cfg: PipelineConfig, out: Path) -> dict:
     corpus = out / "facts" / "corpus.jsonl"
     if not corpus.is_file():
         natural = load_corpus(cfg.pretrain.data).splits["train"]
-        write_corpus(FactWorld(cfg.facts), natural, corpus)
-    pre_cfg.data = dataclasses.replace(pre_cfg.data, source=str(corpus))
+        with staged(out / "facts") as folder:
+            write_corpus(FactWorld(cfg.facts), natural, folder / corpus.name)
+    pre_cfg.data = dataclasses.replace(pre_cfg.data, source=corpus.uri)
     log.info("stage 1/7: pretraining %s with %d Ray Train workers on %s", cfg.pretrain.model, cfg.pretrain.workers,
              corpus)
     return pretrain(pre_cfg)
@@ -130,34 +134,36 @@ def _stage_pretrain(cfg: PipelineConfig, out: Path) -> dict:
 
 def _stage_sample(cfg: PipelineConfig, checkpoint: str) -> str:
     from models.common.sampling import SamplingConfig, generate
-    from models.io import load_model
-    from orchestration.tokenizers import load_tokenizer
 
     log.info("stage 2/7: sampling from %s", checkpoint)
-    model, tok = load_model(checkpoint), load_tokenizer(checkpoint)
+    model, tok, _ = load_lm(checkpoint)
     prompt = torch.tensor([tok.encode(cfg.sample_prompt)])
     ids = generate(model, prompt, SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=40,
                                                  seed=0))[0].tolist()
     return cfg.sample_prompt + tok.decode(ids)
 
 
-def _stage_memory(cfg: PipelineConfig, out: Path, checkpoint: str) -> dict:
+def _memory_path(out: Location, name: str) -> str:
+    """Where the memory actor keeps its data: the pipeline folder when it is a path, else the actor's node."""
+    return (out / "memory").uri if out.is_local else f"~/.cache/memtrain/memory/{name}"
+
+
+def _stage_memory(cfg: PipelineConfig, out: Location, checkpoint: str) -> dict:
     """Fill the shared memory actor with the semantic facts (once) and time single-question retrieval through it."""
     from memory_service import MemoryConfig, get_or_create_memory
     from models.hmst.engine import HMSTEngine
     from models.hmst.facts import FactWorld
-    from models.io import load_model
-    from orchestration.tokenizers import load_tokenizer
 
     name = _memory_name(cfg, out)
     log.info("stage 3/7: filling the shared semantic memory actor %r", name)
-    engine = HMSTEngine(load_model(checkpoint), load_tokenizer(checkpoint))  # its embedder is the one the env uses
-    memory = get_or_create_memory(name, MemoryConfig(dim=engine.embedder.dim, path=str(out / "memory")),
+    model, tok, _ = load_lm(checkpoint)
+    engine = HMSTEngine(model, tok)  # its embedder is the one the env uses
+    memory = get_or_create_memory(name, MemoryConfig(dim=engine.embedder.dim, path=_memory_path(out, name)),
                                   namespace=MEMORY_NAMESPACE)
     engine.semantic_memory = memory
     if engine.foreign_semantic_memory():
         raise MemtrainError(f"the memory actor {name!r} holds vectors of another tokenizer (an earlier pretraining "
-                            f"stage); delete {out / 'memory'} and restart Ray, or set memory_name=<new name>")
+                            f"stage); delete {_memory_path(out, name)} and restart Ray, or set memory_name=<new name>")
     facts = FactWorld(cfg.facts).by_placement("semantic")
     started = time.perf_counter()
     if memory.stats()["count"] == 0:
@@ -178,18 +184,18 @@ def _stage_memory(cfg: PipelineConfig, out: Path, checkpoint: str) -> dict:
             "latency_p99_ms": float(np.percentile(latencies_ms, 99))}
 
 
-def _memory_name(cfg: PipelineConfig, out: Path) -> str:
-    return cfg.memory_name or "pipeline-" + hashlib.sha1(str(out).encode()).hexdigest()[:8]
+def _memory_name(cfg: PipelineConfig, out: Location) -> str:
+    return cfg.memory_name or "pipeline-" + hashlib.sha1(out.uri.encode()).hexdigest()[:8]
 
 
-def _meta_env_config(cfg: PipelineConfig, out: Path) -> dict:
-    return {**cfg.meta_env, "checkpoint": str(out / "pretrain"), "memory": "actor",
-            "memory_name": _memory_name(cfg, out),
-            "namespace": MEMORY_NAMESPACE, "memory_path": str(out / "memory"), "fact_seed": cfg.facts.seed,
+def _meta_env_config(cfg: PipelineConfig, out: Location) -> dict:
+    name = _memory_name(cfg, out)
+    return {**cfg.meta_env, "checkpoint": (out / "pretrain").uri, "memory": "actor", "memory_name": name,
+            "namespace": MEMORY_NAMESPACE, "memory_path": _memory_path(out, name), "fact_seed": cfg.facts.seed,
             "n_entities": cfg.facts.n_entities}
 
 
-def _stage_meta(cfg: PipelineConfig, out: Path) -> tuple[dict, list[dict]]:
+def _stage_meta(cfg: PipelineConfig, out: Location) -> tuple[dict, list[dict]]:
     from rl.envs.meta import baseline_policies
     from rl.evaluate import evaluate
     from rl.policy import LearnedPolicy
@@ -198,7 +204,7 @@ def _stage_meta(cfg: PipelineConfig, out: Path) -> tuple[dict, list[dict]]:
     log.info("stage 4/7: PPO for the HMST meta-controller (%d iterations)", cfg.meta_iterations)
     env_config = _meta_env_config(cfg, out)
     ppo = PPOSettings(train_batch_size=cfg.meta_batch, minibatch_size=max(4, cfg.meta_batch // 4), num_epochs=4)
-    summary = train_ppo(RLTrainConfig(env="meta", env_config=env_config, output=str(out / "rl-meta"),
+    summary = train_ppo(RLTrainConfig(env="meta", env_config=env_config, output=(out / "rl-meta").uri,
                                       iterations=cfg.meta_iterations, checkpoint_every=cfg.meta_iterations, ppo=ppo))
     policies = {"learned": LearnedPolicy.load(out / "rl-meta" / "policy"), **baseline_policies(env_config)}
     rows = evaluate("meta", env_config, policies, seeds=[cfg.continual_seed, cfg.continual_seed + 1],
@@ -206,74 +212,60 @@ def _stage_meta(cfg: PipelineConfig, out: Path) -> tuple[dict, list[dict]]:
     return summary, rows
 
 
-def _stage_thermo(cfg: PipelineConfig, out: Path) -> dict:
+def _stage_thermo(cfg: PipelineConfig, out: Location) -> dict:
     from rl.train import PPOSettings, RLTrainConfig, train_ppo
 
     log.info("stage 5/7: PPO for the thermodynamic controller (%d iterations)", cfg.thermo_iterations)
     seq = 8  # LSTM BPTT length; a minibatch must hold at least one whole sequence
     ppo = PPOSettings(use_lstm=True, lstm_cell_size=32, max_seq_len=seq, fcnet_hiddens=[32],
                       train_batch_size=cfg.thermo_batch, minibatch_size=max(seq, cfg.thermo_batch // 4), num_epochs=4)
-    return train_ppo(RLTrainConfig(env="thermo", env_config=cfg.thermo_env, output=str(out / "rl-thermo"),
+    return train_ppo(RLTrainConfig(env="thermo", env_config=cfg.thermo_env, output=(out / "rl-thermo").uri,
                                    iterations=cfg.thermo_iterations, checkpoint_every=cfg.thermo_iterations, ppo=ppo))
 
 
-def _stage_continual(cfg: PipelineConfig, out: Path) -> dict[str, dict]:
+def _stage_continual(cfg: PipelineConfig, out: Location) -> dict[str, dict]:
     from orchestration.continual import run_continual
     from rl.envs.thermo import env_settings, learned_controller_resolver
 
     log.info("stage 6/7: held-out continual-learning stream, fixed vs learned controller")
     _, continual = env_settings(cfg.thermo_env)
     results = {}
-    for name, controller in (("fixed", None), ("learned", learned_controller_resolver(str(out / "rl-thermo")))):
-        run_cfg = dataclasses.replace(continual, output=str(out / f"continual-{name}"), seed=cfg.continual_seed,
-                                      controller="fixed" if controller is None else str(out / "rl-thermo"))
+    for name, controller in (("fixed", None), ("learned", learned_controller_resolver((out / "rl-thermo").uri))):
+        run_cfg = dataclasses.replace(continual, output=(out / f"continual-{name}").uri, seed=cfg.continual_seed,
+                                      controller="fixed" if controller is None else (out / "rl-thermo").uri)
         results[name] = run_continual(run_cfg, controller=controller)
     return results
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, out_png: Path) -> Path:
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    _pyplot().close(fig)
-    return out_png
-
-
-def _plot_returns(run_dir: Path, out_png: Path, title: str) -> Path:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    fig, ax = _pyplot().subplots(figsize=(5, 3))
+def _plot_returns(run: Location, out_png: Location, title: str) -> Location:
+    rows = read_metrics(run)
+    fig, ax = pyplot().subplots(figsize=(5, 3))
     ax.plot([r["iteration"] for r in rows], [r.get("episode_return_mean") for r in rows], marker="o")
     ax.set_xlabel("PPO iteration")
     ax.set_ylabel("mean episode return")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    return _save(fig, out_png)
+    return save_png(fig, out_png)
 
 
-def _plot_memory_latency(memory: dict, out_png: Path) -> Path:
-    fig, ax = _pyplot().subplots(figsize=(5, 3))
+def _plot_memory_latency(memory: dict, out_png: Location) -> Location:
+    fig, ax = pyplot().subplots(figsize=(5, 3))
     ax.hist(memory["latency_ms"], bins=30)
     ax.set_xlabel("search latency through the actor (ms)")
     ax.set_ylabel("questions")
     ax.set_title(f"semantic memory: {memory['count']} facts, recall@1 {memory['recall_at_1']:.2f}")
-    return _save(fig, out_png)
+    return save_png(fig, out_png)
 
 
 def run_pipeline(cfg: PipelineConfig, quick: bool = False) -> dict:
     from rl.evaluate import write_report
 
-    out = Path(cfg.output).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "config.yaml", to_yaml(cfg))
+    from orchestration.ray_utils import ensure_ray
+
+    out = Location(cfg.output)
+    ensure_ray()  # every stage needs it, a skipped (finished) pretraining stage included
+    require_shared(out, "output")
+    (out / "config.yaml").write_text(to_yaml(cfg))
     started = time.time()
 
     pre = _stage_pretrain(cfg, out)
@@ -305,7 +297,7 @@ def run_pipeline(cfg: PipelineConfig, quick: bool = False) -> dict:
         markdown_table([{"model": cfg.pretrain.model, "workers": cfg.pretrain.workers, **pre}],
                        ["model", "workers", "step", "tokens", "first_eval_loss", "final_eval_loss",
                         "final_eval_perplexity", "tokens_per_s", "mfu"]), "",
-        f"![loss curves]({loss_png.relative_to(out)})", "",
+        f"![loss curves]({loss_png.uri[len(out.uri) + 1:]})", "",
         f"Checkpoint: `{pre['checkpoint']}`", "",
         "Sample:", "", "```", sample, "```", "",
         "## Shared semantic memory (FAISS actor)", "",
@@ -314,17 +306,17 @@ def run_pipeline(cfg: PipelineConfig, quick: bool = False) -> dict:
         "through the actor, from the driver.", "",
         markdown_table([memory_row], ["name", "count", "index", "fill_s", "recall_at_1", "latency_p50_ms",
                                       "latency_p99_ms"]), "",
-        f"![memory latency]({latency_png.relative_to(out)})", "",
+        f"![memory latency]({latency_png.uri[len(out.uri) + 1:]})", "",
         "## HMST meta-controller (RLlib PPO)", "",
         markdown_table([meta], ["iterations", "first_return", "final_return", "wall_s"]), "",
-        f"![PPO returns]({meta_png.relative_to(out)})", "",
+        f"![PPO returns]({meta_png.uri[len(out.uri) + 1:]})", "",
         "Learned policy against the fixed policies on held-out seeds (mean episode return with 95% interval; "
         "reward = correct - cost + calibration):", "",
         markdown_table(meta_rows, ["policy", "return_mean", "ci95", "correct", "cost", "calibration"]), "",
         "![controller comparison](meta-eval/returns.png)", "",
         "## Thermodynamic controller (RLlib PPO, LSTM policy)", "",
         markdown_table([thermo], ["iterations", "first_return", "final_return", "wall_s"]), "",
-        f"![PPO returns]({thermo_png.relative_to(out)})", "",
+        f"![PPO returns]({thermo_png.uri[len(out.uri) + 1:]})", "",
         "## Continual learning on a held-out stream: fixed vs learned controller", "",
         "Losses are mean test cross-entropy (nats/token) after the last task; forgetting and transfers are in "
         "loss space (forgetting > 0 is worse, BWT < 0 is forgetting).", "",
@@ -333,8 +325,8 @@ def run_pipeline(cfg: PipelineConfig, quick: bool = False) -> dict:
         *[f"![{name} evaluation matrix](continual-{name}/eval_matrix.png) ![{name} knobs](continual-{name}/knobs.png)"
           for name in continual], "",
     ]
-    write_atomic(out / "report.md", "\n".join(report))
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
+    (out / "report.md").write_text("\n".join(report))
+    (out / "summary.json").write_json(summary)
     print(f"[memtrain] pipeline done in {summary['wall_s']} s: final eval loss {pre['final_eval_loss']:.4f} "
           f"(from {pre['first_eval_loss']:.4f}); {memory['count']} facts in the memory actor; meta-controller "
           f"return {meta['final_return']}; report {out / 'report.md'}", flush=True)

@@ -9,10 +9,12 @@ or from Python::
     >>> cfg = load_config(PretrainConfig, overrides=["max_steps=20", "output=runs/doc"])   # doctest: +SKIP
     >>> summary = pretrain(cfg)                                                           # doctest: +SKIP
 
-Re-running with the same ``output`` resumes from its newest checkpoint (same data position, optimizer and
-schedule), so raising ``max_steps`` continues a finished run. ``init_checkpoint=runs/x`` starts a new run
-directory from another run's checkpoint with this config's hyperparameters (PBT sweeps hand checkpoints over
-between trials this way).
+``output`` is a local folder (one-node clusters), a folder every node mounts, or a URI (``s3://bucket/runs/x``);
+Ray Train writes the checkpoints there, and on a cluster of several nodes a folder only this node sees is refused
+before anything starts. Re-running with the same ``output`` resumes from its newest checkpoint (same data
+position, optimizer and schedule), so raising ``max_steps`` continues a finished run. ``init_checkpoint=runs/x``
+starts a new run from another run's checkpoint with this config's hyperparameters (PBT sweeps hand checkpoints
+over between trials this way).
 """
 
 from __future__ import annotations
@@ -34,18 +36,18 @@ import torch
 import torch.nn.functional as F
 
 from orchestration.allocator import keep_freed_memory
-from orchestration.checkpoint import (TRAINER_STATE_FILE, TrainerState, config_differences, find_checkpoint,
-                                      load_optimizer_state, load_training_checkpoint, read_yaml,
-                                      save_training_checkpoint)
-from orchestration.config import ConfigError, from_dict, to_yaml
-from orchestration.data import DataConfig, PreparedData, TokenWindows, WindowOrder, prepare_data
+from orchestration.checkpoint import (CHECKPOINT_PREFIX, TRAINER_STATE_FILE, TrainerState, checkpoint_name,
+                                      config_differences, find_checkpoint, load_optimizer_state,
+                                      load_training_checkpoint, save_training_checkpoint)
+from orchestration.config import ConfigError, to_yaml
+from orchestration.data import DataConfig, PreparedData, TokenWindows, WindowOrder, check_source, prepare_data
 from orchestration.errors import CheckpointError, DataError
-from orchestration.files import write_atomic
 from orchestration.flops import measure_matmul_peak
+from orchestration.storage import (CHECKPOINTS, METRICS_FILE, Location, MetricsLog, TensorBoardLog, latest_checkpoint,
+                                   local_copy, ray_storage, read_metrics, require_shared)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"  # Ray Train run name: <output>/checkpoints/step_000200/
 # settings a resumed run must share with the run it continues (the rest, like max_steps or lr, may change)
 RESUME_KEYS = ["model", "model_overrides", "data.source", "data.tokenizer", "data.vocab_size", "data.seq_len",
                "data.val_fraction", "data.max_documents", "data.text_column", "seed", "workers", "batch_size",
@@ -61,7 +63,9 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """Corpus, tokenizer and sequence length."""
     output: str = "runs/pretrain"
-    """Run directory: config.yaml, metrics.jsonl, summary.json, tokenizer.json and checkpoints/."""
+    """Run folder (a local path, a folder every node mounts, or a URI such as s3://bucket/runs/x): config.yaml,
+    metrics.jsonl, summary.json, tokenizer.json, tensorboard/, data/ (the published token shards) and
+    checkpoints/."""
     seed: int = 0
     """Seed of model init, data order and dropout."""
     workers: int = 2
@@ -111,7 +115,8 @@ class PretrainConfig:
     fail_at_step: int = 0
     """Reliability drill: the last worker's process exits at this step, once per run directory (0 = never)."""
     init_checkpoint: str = ""
-    """Start a new run from this checkpoint (a checkpoint directory, or a run directory for its newest one): its
+    """Start a new run from this checkpoint (a checkpoint folder, or a run folder for its newest one; local,
+    shared or a URI): its
     weights, optimizer state (if loadable) and trainer state (step counter, data position) carry over, while this
     config's hyperparameters (lr, weight_decay, betas, max_steps, ...) apply from there on. The model and
     tokenizer must match it. Ignored once the run directory holds checkpoints of its own (a resume). "" = none."""
@@ -188,6 +193,36 @@ def evaluate(model, windows: TokenWindows, cfg: PretrainConfig, rank: int, world
     return loss_sum / max(count, 1)
 
 
+def _load_starting_point(cfg: PretrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         rank: int) -> TrainerState:
+    """Load the run's own newest checkpoint (a resume, restart or failure recovery) or, in a new run,
+    ``init_checkpoint`` into model and optimizer; returns the trainer state to continue from."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and not cfg.init_checkpoint:
+        return TrainerState()
+    with contextlib.ExitStack() as stack:
+        if checkpoint is not None:  # Ray Train downloads it from the run's storage (to this node's disk)
+            start_dir = stack.enter_context(checkpoint.as_directory())
+        else:
+            start_dir = stack.enter_context(local_copy(Location(cfg.init_checkpoint), verify=False))
+        state = load_training_checkpoint(start_dir, model)
+        try:
+            load_optimizer_state(start_dir, optimizer)
+        except CheckpointError:
+            if checkpoint is not None:
+                raise
+            if rank == 0:
+                print(f"the optimizer state in {cfg.init_checkpoint} cannot be loaded; the optimizer starts fresh",
+                      flush=True)
+        apply_hyperparameters(optimizer, cfg)
+    if rank == 0:
+        origin = "resumed from" if checkpoint is not None else f"initialised from {cfg.init_checkpoint} at"
+        print(f"{origin} step {state.step} (data position {state.samples:,} windows)", flush=True)
+    return state
+
+
 def train_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker: DDP training with periodic eval, checkpoints and reports."""
     import ray.train
@@ -200,43 +235,28 @@ def train_worker(loop_config: dict) -> None:
 
     # Ray Train logs every report at INFO under a logger named by its file path, which LoggingConfig does not reach
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    cfg: PretrainConfig = from_dict(PretrainConfig, loop_config["cfg"])
-    data = PreparedData(**loop_config["data"])
+    cfg: PretrainConfig = loop_config["cfg"]
+    data: PreparedData = loop_config["data"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     keep_freed_memory()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    shards = data.shard_paths(cfg.data.cache_dir)  # this node's copy, fetched once per node
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model = build_model(cfg.model, **{**cfg.model_overrides, "vocab_size": data.vocab_size})
-    state = TrainerState()
-    checkpoint = ray.train.get_checkpoint()
-    # the run's own newest checkpoint (a resume) wins over init_checkpoint (where a new run starts)
-    start_dir = (checkpoint.to_directory(tempfile.mkdtemp(prefix="memtrain-resume-")) if checkpoint
-                 else cfg.init_checkpoint or None)
-    if start_dir:
-        state = load_training_checkpoint(start_dir, model)
-        if rank == 0:
-            origin = "resumed from" if checkpoint else f"initialised from {start_dir} at"
-            print(f"{origin} step {state.step} (data position {state.samples:,} windows)", flush=True)
     raw_model = model
-    model = ray.train.torch.prepare_model(model)  # moves to device; DDP when world > 1
     # fused: one kernel per parameter group; at 82M parameters a step takes 32 ms on 2 CPU cores against 190 ms
     # for the foreach implementation
     optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), fused=True)
-    if start_dir:
-        try:
-            load_optimizer_state(start_dir, optimizer)
-        except CheckpointError:
-            if checkpoint:
-                raise
-            if rank == 0:
-                print(f"the optimizer state in {start_dir} cannot be loaded; the optimizer starts fresh", flush=True)
-        apply_hyperparameters(optimizer, cfg)
+    state = _load_starting_point(cfg, raw_model, optimizer, rank)
+    model = ray.train.torch.prepare_model(model)  # moves to device; DDP when world > 1
+    resumed_from = state.step
 
-    train, val = TokenWindows(data.train_path, cfg.data.seq_len), TokenWindows(data.val_path, cfg.data.seq_len)
+    train = TokenWindows(shards["train"], cfg.data.seq_len)
+    val = TokenWindows(shards["validation"], cfg.data.seq_len)
     order = WindowOrder(train.n_windows, cfg.seed)
     reducer = _Reducer(world, device)
     use_bf16 = cfg.precision == "bf16"
@@ -250,25 +270,32 @@ def train_worker(loop_config: dict) -> None:
               f"{tokens_per_step:,} tokens/step; MFU is against the measured {cfg.precision} matmul peak of "
               f"{peak / 1e9:,.0f} GFLOP/s summed over workers", flush=True)
 
+    tokenizer_json = data.tokenizer_json(cfg.data.cache_dir)  # every checkpoint carries the tokenizer
+
+    def report(metrics: dict, checkpoint=None, name: str | None = None) -> None:
+        nonlocal resumed_from
+        if resumed_from is not None:  # the first report of this (re)start: the metrics sink drops later rows
+            metrics["resumed_from"], resumed_from = resumed_from, None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
     def done() -> bool:
         return state.step >= cfg.max_steps or (cfg.max_tokens and state.tokens >= cfg.max_tokens)
 
     if done():  # a finished run re-launched with the same budget: report where it stands
-        ray.train.report({"step": state.step, "tokens": state.tokens, "done": True})
+        report({"step": state.step, "tokens": state.tokens, "done": True})
         return
     if state.step == 0:  # the starting point of the eval curve
         eval_loss = evaluate(model, val, cfg, rank, world, device, autocast, reducer)
-        ray.train.report({"step": 0, "tokens": 0, "eval_loss": eval_loss,
-                          "eval_perplexity": math.exp(min(eval_loss, 50))})
+        report({"step": 0, "tokens": 0, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
     window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
     window_stats: dict[str, torch.Tensor] = {}
     grad_norm = torch.tensor(0.0)
     stop_early = False
     while not done() and not stop_early:
         if cfg.fail_at_step and state.step == cfg.fail_at_step and rank == world - 1:
-            marker = Path(cfg.output) / ".drill_failed"
+            marker = Location(cfg.output) / ".drill_failed"
             if not marker.exists():
-                marker.touch()
+                marker.write_text("")
                 print(f"drill: worker {rank} exits at step {state.step}", flush=True)
                 os._exit(1)
         torch.manual_seed(cfg.seed * 1_000_003 + state.step * world + rank)  # dropout noise: resume-exact
@@ -324,33 +351,43 @@ def train_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory(prefix="memtrain-ckpt-") as tmp:
             ckpt = None
             if write_checkpoint and rank == 0:
-                save_training_checkpoint(tmp, raw_model, cfg.model, optimizer, state, cfg.output)
+                save_training_checkpoint(tmp, raw_model, cfg.model, optimizer, state, tokenizer_json, to_yaml(cfg))
                 ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt,
-                             checkpoint_dir_name=f"step_{state.step:06d}" if write_checkpoint else None)
+            report(metrics, checkpoint=ckpt, name=checkpoint_name(state.step) if write_checkpoint else None)
             if write_checkpoint:
                 window_start = time.perf_counter()
 
 
 # --- the driver -------------------------------------------------------------------------------------------------
 
-def _make_metrics_sink(run_dir: str):
-    """A Ray Train callback (runs in the Train controller) that appends each report to metrics.jsonl,
-    TensorBoard, and one log line."""
+def _make_metrics_sink(run: Location):
+    """A Ray Train callback (runs in the Train controller) that appends each report to metrics.jsonl and
+    TensorBoard in the run's storage, and prints one log line."""
     import ray.train
 
     class MetricsSink(ray.train.UserCallback):
         def __init__(self):
-            self.run_dir = Path(run_dir)
-            self._tb = None
+            self.run = run
+            self.log = MetricsLog(run / METRICS_FILE)
+            self.tb = None
 
         def after_report(self, run_context, metrics, checkpoint):
             row = dict(metrics[0])
+            resumed_from = row.pop("resumed_from", None)
+            if resumed_from is not None:
+                # a (re)start from the checkpoint at this step: rows written after it are trained again, so they
+                # go (a start from scratch keeps none)
+                rows = self.log.rows()
+                if any(r["step"] > resumed_from or not resumed_from for r in rows):
+                    self.log.keep(lambda r: resumed_from and r["step"] <= resumed_from)
             if checkpoint is not None:
-                row["checkpoint"] = checkpoint.path
-            with (self.run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            self._tensorboard(row)
+                row["checkpoint"] = (self.run / CHECKPOINTS / Path(checkpoint.path).name).uri
+            row["time"] = round(time.time(), 3)  # wall clock when the report (and its checkpoint) was done
+            self.log.append(row)
+            if self.tb is None:
+                self.tb = TensorBoardLog(self.run / "tensorboard")
+            self.tb.scalars({k: v for k, v in row.items() if k not in ("step", "time")}, row["step"], "pretrain")
+            self.tb.flush(upload=checkpoint is not None or bool(row.get("done")))
             parts = [f"step {row['step']}"]
             if "loss" in row:
                 parts += [f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}", f"grad {row['grad_norm']:.2f}",
@@ -361,69 +398,59 @@ def _make_metrics_sink(run_dir: str):
                 parts.append(f"checkpoint {Path(checkpoint.path).name}")
             print("[memtrain] " + " | ".join(parts), flush=True)
 
-        def _tensorboard(self, row):
-            from torch.utils.tensorboard import SummaryWriter
-
-            if self._tb is None:
-                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self._tb.add_scalar(f"pretrain/{key}", value, row["step"])
-            self._tb.flush()
-
     return MetricsSink()
 
 
-def has_checkpoints(run_dir: Path) -> bool:
-    """Whether the run directory holds checkpoints of its own (then a run resumes from them)."""
-    return any((run_dir / CHECKPOINTS_DIR).glob(f"step_*/{TRAINER_STATE_FILE}"))
+def has_checkpoints(run: Location) -> bool:
+    """Whether the run folder holds complete checkpoints of its own (then a run resumes from them)."""
+    return latest_checkpoint(run, CHECKPOINT_PREFIX) is not None
 
 
 def resolve_init_checkpoint(cfg: PretrainConfig, data: PreparedData) -> tuple[str, int]:
-    """The checkpoint directory that ``cfg.init_checkpoint`` names and its step, checked against this run's model
-    and tokenizer."""
-    from models.io import read_model_spec
+    """The checkpoint that ``cfg.init_checkpoint`` names (its location) and its step, checked against this run's
+    model and tokenizer."""
+    from models.io import CONFIG_FILE
     from models.registry import model_config
-    from orchestration.tokenizers import TOKENIZER_FILE, load_tokenizer
+    from orchestration.tokenizers import TOKENIZER_FILE
 
     try:
-        ckpt = find_checkpoint(Path(cfg.init_checkpoint).expanduser()).resolve()
+        ckpt = find_checkpoint(cfg.init_checkpoint)
     except CheckpointError as exc:
         raise CheckpointError(f"init_checkpoint: {exc}") from None
     if not (ckpt / TRAINER_STATE_FILE).is_file():
         raise CheckpointError(f"init_checkpoint {ckpt} has no {TRAINER_STATE_FILE}, so it is not a training "
-                              "checkpoint; point at a run directory or checkpoints/step_* of memtrain pretrain")
-    name, saved = read_model_spec(ckpt)
+                              "checkpoint; point at a run folder or checkpoints/step_* of memtrain pretrain")
+    spec = (ckpt / CONFIG_FILE).read_json()
     wanted = json.loads(json.dumps(dataclasses.asdict(
         model_config(cfg.model, **{**cfg.model_overrides, "vocab_size": data.vocab_size}))))
-    diffs = [f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in wanted.items() if saved.get(k) != v]
+    diffs = [f"{k} {spec['config'].get(k)!r} there, {v!r} here" for k, v in wanted.items()
+             if spec["config"].get(k) != v]
     if diffs:
-        raise CheckpointError(f"init_checkpoint {ckpt} holds a different model ({name}: {'; '.join(diffs)}); set "
-                              "model and model_overrides to match it")
+        raise CheckpointError(f"init_checkpoint {ckpt} holds a different model ({spec['name']}: {'; '.join(diffs)}); "
+                              "set model and model_overrides to match it")
     saved_tokenizer = ckpt / TOKENIZER_FILE
-    if saved_tokenizer.is_file() and (load_tokenizer(saved_tokenizer).to_json()
-                                      != load_tokenizer(data.tokenizer_path).to_json()):
+    if saved_tokenizer.is_file() and saved_tokenizer.read_text() != data.tokenizer_json(cfg.data.cache_dir):
         raise CheckpointError(f"init_checkpoint {ckpt} was trained with another tokenizer than this run's; reuse it "
                               f"with data.tokenizer={saved_tokenizer}")
-    return str(ckpt), int(json.loads((ckpt / TRAINER_STATE_FILE).read_text())["step"])
+    return ckpt.uri, int((ckpt / TRAINER_STATE_FILE).read_json()["step"])
 
 
-def _check_resume_compatible(run_dir: Path, cfg: PretrainConfig) -> None:
-    saved_path = run_dir / "config.yaml"
-    if not (run_dir / CHECKPOINTS_DIR).is_dir() or not saved_path.is_file():
+def _check_resume_compatible(run: Location, cfg: PretrainConfig) -> None:
+    saved = run / "config.yaml"
+    if not saved.is_file() or not has_checkpoints(run):
         return
-    diffs = config_differences(read_yaml(saved_path), dataclasses.asdict(cfg), RESUME_KEYS)
+    diffs = config_differences(saved.read_yaml() or {}, dataclasses.asdict(cfg), RESUME_KEYS)
     if diffs:
-        raise CheckpointError(f"{run_dir} holds a run with different settings, so it cannot be resumed: "
-                              f"{'; '.join(diffs)}. Use the same settings, or a new --output directory")
+        raise CheckpointError(f"{run} holds a run with different settings, so it cannot be resumed: "
+                              f"{'; '.join(diffs)}. Use the same settings, or a new --output")
 
 
-def make_trainer(cfg: PretrainConfig, data: PreparedData, run_dir: Path, callbacks: list,
+def make_trainer(cfg: PretrainConfig, data: PreparedData, run: Location, callbacks: list,
                  controller_failure_limit: int = -1):
     """The TorchTrainer of one pretraining run: ``train_worker`` on ``cfg.workers`` workers (NCCL on GPUs, gloo on
-    CPUs), Train's run name and storage under ``run_dir`` (so a re-run resumes from its newest checkpoint), and
-    ``callbacks`` receiving the workers' reports. ``controller_failure_limit`` bounds how often a worker group that
-    cannot start is retried (-1: without limit)."""
+    CPUs), Train's storage in the run folder (``<output>/checkpoints``, so a re-run resumes from its newest
+    checkpoint), and ``callbacks`` receiving the workers' reports. ``controller_failure_limit`` bounds how often a
+    worker group that cannot start is retried (-1: without limit)."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -432,11 +459,11 @@ def make_trainer(cfg: PretrainConfig, data: PreparedData, run_dir: Path, callbac
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
     return TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "data": dataclasses.asdict(data)},
+        train_loop_config={"cfg": cfg, "data": data},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=CHECKPOINTS_DIR, storage_path=str(run_dir),
+            name=CHECKPOINTS, **ray_storage(run),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures,
                                          controller_failure_limit=controller_failure_limit),
@@ -446,19 +473,8 @@ def make_trainer(cfg: PretrainConfig, data: PreparedData, run_dir: Path, callbac
     )
 
 
-def pretrain(cfg: PretrainConfig) -> dict:
-    """Run (or resume) a pretraining job on the current Ray cluster; returns the summary also written to summary.json."""
-    from orchestration.ray_utils import ensure_ray
-
-    from models.registry import model_config
-
-    model_config(cfg.model, **cfg.model_overrides)  # a bad preset or field fails here, not in every worker
-    run_dir = Path(cfg.output).expanduser().resolve()
-    cfg = dataclasses.replace(cfg, output=str(run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_resume_compatible(run_dir, cfg)
-    started = time.time()
-    data = prepare_data(cfg.data, run_dir)
+def check_enough_windows(cfg: PretrainConfig, data: PreparedData) -> None:
+    """Refuse a corpus too small for one optimizer step or one held-out window, before any worker starts."""
     needed = cfg.workers * cfg.grad_accum * cfg.batch_size
     n_train = (data.n_tokens["train"] - 1) // cfg.data.seq_len
     if n_train < needed:
@@ -468,47 +484,51 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if (data.n_tokens["validation"] - 1) // cfg.data.seq_len < 1:
         raise DataError(f"the validation split has fewer than {cfg.data.seq_len + 1} tokens; lower data.seq_len or "
                         "raise data.val_fraction")
-    if cfg.init_checkpoint and has_checkpoints(run_dir):
-        log.info("%s holds checkpoints, so the run resumes from them and init_checkpoint is not used", run_dir)
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Run (or resume) a pretraining job on the current Ray cluster; returns the summary also written to summary.json."""
+    from orchestration.ray_utils import ensure_ray
+
+    from models.registry import model_config
+
+    model_config(cfg.model, **cfg.model_overrides)  # a bad preset or field fails here, not in every worker
+    check_source(cfg.data.source)
+    run = Location(cfg.output)
+    cfg = dataclasses.replace(cfg, output=run.uri)
+    _check_resume_compatible(run, cfg)
+    ensure_ray()
+    # every node's workers write checkpoints there and read the data and init_checkpoint from there
+    require_shared(run, "output")
+    for what, where in (("init_checkpoint", cfg.init_checkpoint), ("data.store", cfg.data.store)):
+        if where:
+            require_shared(Location(where), what)
+    started = time.time()
+    data = prepare_data(cfg.data, run)
+    check_enough_windows(cfg, data)
+    if cfg.init_checkpoint and has_checkpoints(run):
+        log.info("%s holds checkpoints, so the run resumes from them and init_checkpoint is not used", run)
     elif cfg.init_checkpoint:
         path, step = resolve_init_checkpoint(cfg, data)
         if step >= cfg.max_steps:
             raise ConfigError(f"init_checkpoint {path} is at step {step} and the step counter continues from it, so "
                               f"max_steps={cfg.max_steps} leaves nothing to train; raise max_steps")
         cfg = dataclasses.replace(cfg, init_checkpoint=path)
-    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
-    ensure_ray()
-    result = make_trainer(cfg, data, run_dir, [_make_metrics_sink(str(run_dir))]).fit()
-    summary = summarize(run_dir, result.checkpoint.path if result.checkpoint else None, time.time() - started)
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    result = make_trainer(cfg, data, run, [_make_metrics_sink(run)]).fit()
+    checkpoint = (run / CHECKPOINTS / Path(result.checkpoint.path).name).uri if result.checkpoint else None
+    summary = summarize(run, checkpoint, time.time() - started)
     print(f"[memtrain] done: final eval loss {summary.get('final_eval_loss')}, checkpoint {summary['checkpoint']}, "
-          f"summary {run_dir / 'summary.json'}", flush=True)
+          f"summary {run / 'summary.json'}", flush=True)
     return summary
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def summarize(run_dir: Path, checkpoint: str | None, wall_s: float) -> dict:
+def summarize(run: Location, checkpoint: str | None, wall_s: float) -> dict:
     """Final figures of a run from its metrics.jsonl, written to summary.json (strict JSON, last file written)."""
-    rows = read_metrics(run_dir)
-    evals = [r for r in rows if "eval_loss" in r]
-    trains = [r for r in rows if "loss" in r]
-    last = rows[-1] if rows else {}
-    summary = {
-        "step": last.get("step"),
-        "tokens": last.get("tokens"),
-        "first_eval_loss": evals[0]["eval_loss"] if evals else None,
-        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
-        "best_eval_loss": min(r["eval_loss"] for r in evals) if evals else None,
-        "final_eval_perplexity": evals[-1]["eval_perplexity"] if evals else None,
-        "final_train_loss": trains[-1]["loss"] if trains else None,
-        "tokens_per_s": trains[-1]["tokens_per_s"] if trains else None,
-        "mfu": trains[-1]["mfu"] if trains else None,
-        "early_stopped": bool(last.get("early_stopped", False)),
-        "checkpoint": checkpoint,
-        "wall_s": round(wall_s, 1),
-    }
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
+    from orchestration.report import run_figures
+
+    rows = read_metrics(run)
+    summary = {**run_figures(rows), "early_stopped": bool(rows and rows[-1].get("early_stopped")),
+               "checkpoint": checkpoint, "wall_s": round(wall_s, 1)}
+    (run / "summary.json").write_json(summary)
     return summary

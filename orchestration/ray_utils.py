@@ -6,6 +6,8 @@ import logging
 import os
 import socket
 
+from orchestration.errors import MemtrainError
+
 log = logging.getLogger(__name__)
 
 
@@ -23,21 +25,40 @@ def local_dashboard_args() -> dict:
             "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
 
 
-def ensure_ray(namespace: str = "memtrain", num_cpus: int | None = None) -> None:
-    """Join the running cluster (inside a job, or with RAY_ADDRESS set), else start a local one.
+def ensure_ray(namespace: str = "memtrain") -> None:
+    """Join the cluster named by RAY_ADDRESS (``memtrain --address``; set by Ray itself inside a ``ray job submit``
+    job; ``auto`` = the cluster ``ray start`` runs on this machine), else start a local cluster of this machine.
 
     A local cluster gets twice the machine's cores as logical CPUs: Train workers, Tune drivers and the memory
-    actor then never starve each other on a small machine (see ray-notes §1, the Ray Data/Train deadlock).
+    actor then never starve each other on a small machine (see ray-notes §1, the Ray Data/Train deadlock). It is
+    started with ``address="local"``, so a cluster that ``ray start`` left on the machine (even a dead one) is
+    neither joined by accident nor in the way.
     """
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(namespace=namespace, log_to_driver=True)
-        log.info("connected to Ray cluster at %s", os.environ["RAY_ADDRESS"])
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, namespace=namespace, log_to_driver=True)
+        except ConnectionError as exc:
+            raise MemtrainError(f"cannot reach the Ray cluster at {address!r} (RAY_ADDRESS or --address): {exc}. "
+                                "Check the address (host:port of the head's GCS, or auto for `ray start` on this "
+                                "machine), or unset it to start a local cluster") from None
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        log.info("connected to the Ray cluster at %s: %d node(s), %g CPUs, %g GPUs", address, len(nodes),
+                 sum(n["Resources"].get("CPU", 0) for n in nodes), sum(n["Resources"].get("GPU", 0) for n in nodes))
         return
-    cpus = num_cpus or 2 * (os.cpu_count() or 1)
-    ray.init(namespace=namespace, num_cpus=cpus, log_to_driver=True, **local_dashboard_args())
-    log.info("started a local Ray cluster with %d logical CPUs", cpus)
+    cpus = 2 * (os.cpu_count() or 1)
+    ray.init(address="local", namespace=namespace, num_cpus=cpus, log_to_driver=True, **local_dashboard_args())
+    log.info("started a local Ray cluster with %d logical CPUs (set RAY_ADDRESS or --address to use a running "
+             "cluster)", cpus)
+
+
+def add_address_arg(parser) -> None:
+    """``--address``: the Ray cluster a command joins (memtrain's main() puts it into RAY_ADDRESS)."""
+    parser.add_argument("--address", help="Ray cluster to join: HOST:PORT of its head (GCS), or auto for the one "
+                                          "`ray start` runs on this machine; default RAY_ADDRESS, else a new local "
+                                          "cluster")

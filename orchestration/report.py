@@ -1,21 +1,40 @@
-"""Plots and markdown tables from run directories (metrics.jsonl, summary.json)."""
+"""Plots and markdown tables from run folders (metrics.jsonl, summary.json), wherever they are stored."""
 
 from __future__ import annotations
 
+import io
 import os
-from pathlib import Path
 
-from orchestration.pretrain import read_metrics
+from orchestration.storage import Location, read_metrics
 
 
-def plot_loss_curves(run_dir: str | os.PathLike, out_png: str | os.PathLike, title: str = "pretraining") -> Path:
-    """Training and held-out loss against step, from a pretraining run's metrics.jsonl."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # no display needed
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(run_dir)
+    return plt
+
+
+def save_png(fig, where: str | os.PathLike | Location) -> Location:
+    """Write a figure as PNG to a run path (local, shared or a URI) and close it."""
+    plt = pyplot()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    where = Location(where)
+    where.write_bytes(buf.getvalue())
+    return where
+
+
+def plot_loss_curves(run: str | os.PathLike | Location, out_png: str | os.PathLike | Location,
+                     title: str = "pretraining") -> Location:
+    """Training and held-out loss against step, from a pretraining run's metrics.jsonl."""
+    plt = pyplot()
+    rows = read_metrics(run)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -28,12 +47,7 @@ def plot_loss_curves(run_dir: str | os.PathLike, out_png: str | os.PathLike, tit
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_png(fig, out_png)
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -49,14 +63,10 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 # --- `memtrain report RUN_DIR`: plots and tables regenerated from any run or sweep directory ---------------------
 
-def plot_metric_curves(curves: dict[str, list[tuple[float, float]]], out_png: str | os.PathLike, title: str,
-                       ylabel: str) -> Path:
+def plot_metric_curves(curves: dict[str, list[tuple[float, float]]], out_png: str | os.PathLike | Location,
+                       title: str, ylabel: str) -> Location:
     """One line per named series of (step, value) points, e.g. the held-out loss of every trial of a sweep."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for label, points in curves.items():
         if points:
@@ -67,12 +77,7 @@ def plot_metric_curves(curves: dict[str, list[tuple[float, float]]], out_png: st
     if curves:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_png(fig, out_png)
 
 
 def run_figures(rows: list[dict]) -> dict:
@@ -92,44 +97,41 @@ def run_figures(rows: list[dict]) -> dict:
     }
 
 
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+def _read_yaml(where: Location) -> dict:
+    return (where.read_yaml() or {}) if where.is_file() else {}
 
 
-def pretrain_report(run_dir: str | os.PathLike) -> Path:
-    """report.md and plots/loss.png of a pretraining run directory (anything with a metrics.jsonl)."""
-    run_dir = Path(run_dir)
-    rows = read_metrics(run_dir)
-    cfg = _read_yaml(run_dir / "config.yaml")
+def pretrain_report(run: Location) -> Location:
+    """report.md and plots/loss.png of a pretraining run folder (anything with a metrics.jsonl)."""
+    rows = read_metrics(run)
+    cfg = _read_yaml(run / "config.yaml")
     model = cfg.get("model", "model")
-    plot = plot_loss_curves(run_dir, run_dir / "plots" / "loss.png", f"{model} pretraining")
+    plot_loss_curves(run, run / "plots" / "loss.png", f"{model} pretraining")
     figures = run_figures(rows)
     evals = [{"step": r["step"], "eval_loss": r["eval_loss"], "eval_perplexity": r.get("eval_perplexity")}
              for r in rows if "eval_loss" in r]
-    lines = [f"# Pretraining run `{run_dir.name}`", "",
+    lines = [f"# Pretraining run `{run.name}`", "",
              f"Model `{model}`, {cfg.get('workers', '?')} worker(s), lr {cfg.get('lr', '?')}, "
              f"data `{cfg.get('data', {}).get('source', '?')}`; {len(rows)} reports in metrics.jsonl.", "",
              markdown_table([figures], list(figures)), "",
-             f"![loss curves]({plot.relative_to(run_dir)})", "",
+             "![loss curves](plots/loss.png)", "",
              "## Held-out evaluations", "", markdown_table(evals, ["step", "eval_loss", "eval_perplexity"]), ""]
-    out = run_dir / "report.md"
+    out = run / "report.md"
     out.write_text("\n".join(lines))
     return out
 
 
-def sweep_report(sweep_dir: str | os.PathLike) -> Path:
-    """report.md and plots/ of a sweep directory, rebuilt from its trial directories (no Tune state needed):
-    trials ranked by the sweep's metric, with their searched values and held-out curves."""
-    sweep_dir = Path(sweep_dir)
-    spec = _read_yaml(sweep_dir / "sweep.yaml")
+def sweep_report(sweep: Location) -> Location:
+    """report.md and plots/ of a sweep folder, rebuilt from its trial folders (no Tune state needed): trials
+    ranked by the sweep's metric, with their searched values and held-out curves."""
+    spec = _read_yaml(sweep / "sweep.yaml")
     metric, mode = spec.get("metric", "eval_loss"), spec.get("mode", "min")
     keys = list(spec.get("search", {}))
     rows, curves = [], {}
-    for trial_dir in sorted(p for p in (sweep_dir / "trials").iterdir() if p.is_dir()):
-        metrics = read_metrics(trial_dir)
-        cfg = _read_yaml(trial_dir / "config.yaml")
+    for name in (sweep / "trials").listdir():
+        trial = sweep / "trials" / name
+        metrics = read_metrics(trial)
+        cfg = _read_yaml(trial / "config.yaml")
         params = {}
         for key in keys:  # dotted keys into the trial's resolved config
             value = cfg
@@ -138,36 +140,37 @@ def sweep_report(sweep_dir: str | os.PathLike) -> Path:
             params[key] = value
         values = [r[metric] for r in metrics if metric in r]
         best = (min(values) if mode == "min" else max(values)) if values else None
-        rows.append({"trial_id": trial_dir.name, **params, metric: values[-1] if values else None,
+        rows.append({"trial_id": name, **params, metric: values[-1] if values else None,
                      f"best_{metric}": best, "step": metrics[-1].get("step") if metrics else None})
         label = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                           for k, v in params.items())
-        curves[label or trial_dir.name] = [(r["step"], r[metric]) for r in metrics if metric in r]
+        curves[label or name] = [(r["step"], r[metric]) for r in metrics if metric in r]
     sign = 1 if mode == "min" else -1
     rows.sort(key=lambda r: (r[metric] is None, sign * r[metric] if r[metric] is not None else 0.0))
     for i, row in enumerate(rows, 1):
         row["rank"] = i
-    plot = plot_metric_curves(curves, sweep_dir / "plots" / f"{metric}.png", f"sweep {sweep_dir.name}", metric)
-    lines = [f"# Sweep `{sweep_dir.name}`", "",
+    plot_metric_curves(curves, sweep / "plots" / f"{metric}.png", f"sweep {sweep.name}", metric)
+    lines = [f"# Sweep `{sweep.name}`", "",
              f"{len(rows)} trial(s) of kind `{spec.get('kind', 'pretrain')}`, ranked by the last reported `{metric}` "
              f"({mode}); searched: {', '.join(keys) or 'nothing'}.", "",
              markdown_table(rows, ["rank", "trial_id", *keys, metric, f"best_{metric}", "step"]), "",
-             f"![{metric} per trial]({plot.relative_to(sweep_dir)})", ""]
-    out = sweep_dir / "report.md"
+             f"![{metric} per trial](plots/{metric}.png)", ""]
+    out = sweep / "report.md"
     out.write_text("\n".join(lines))
     return out
 
 
-def write_report(run_dir: str | os.PathLike) -> Path:
-    """Regenerate report.md and plots/ of a pretraining run or a sweep directory; returns report.md's path.
+def write_report(where: str | os.PathLike | Location) -> Location:
+    """Regenerate report.md and plots/ of a pretraining run or a sweep folder (local, shared or a URI); returns
+    report.md's location.
 
-    >>> write_report("runs/x")                       # doctest: +SKIP
-    PosixPath('runs/x/report.md')
+    >>> str(write_report("runs/x"))                       # doctest: +SKIP
+    '/home/me/runs/x/report.md'
     """
     from orchestration.errors import MemtrainError
 
-    run_dir = Path(run_dir)
-    if (run_dir / "sweep.yaml").is_file() and (run_dir / "trials").is_dir():
+    run_dir = Location(where)
+    if (run_dir / "sweep.yaml").is_file() and (run_dir / "trials").listdir():
         return sweep_report(run_dir)
     if (run_dir / "metrics.jsonl").is_file():
         return pretrain_report(run_dir)

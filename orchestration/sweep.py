@@ -3,9 +3,11 @@
 Each trial is a real Ray Train pretraining run: a light Tune function (0.01 CPU) builds and fits a
 ``TorchTrainer`` running :func:`orchestration.pretrain.train_worker`, and a Train callback hands the workers'
 evaluations to the Tune function, which reports them to Tune (the Train v2 + Tune pattern of ray-notes §3;
-``Tuner(TorchTrainer)`` does not work under Train v2). Every trial directory is an ordinary pretraining run
-directory (config.yaml, metrics.jsonl, tensorboard/, checkpoints/), so ``memtrain report`` and
-``memtrain pretrain --output`` work on it.
+``Tuner(TorchTrainer)`` does not work under Train v2). Every trial folder is an ordinary pretraining run folder
+(config.yaml, metrics.jsonl, tensorboard/, checkpoints/), so ``memtrain report`` and ``memtrain pretrain
+--output`` work on it. The sweep's ``output`` may be a local path, a folder every node mounts or a URI; Tune's
+experiment state, the trials and the token shards (tokenized once, in ``data/``) all live there, and trials
+start on whatever nodes the cluster (or its autoscaler) has for them.
 
 Schedulers: ASHA stops the worse trials early, FIFO runs them all, and PBT (population based training) makes the
 worse trials continue from the better trials' checkpoints with perturbed hyperparameters. For PBT each trial
@@ -25,12 +27,12 @@ or from Python::
     >>> rows = sweep(cfg)                                                    # doctest: +SKIP
     >>> rows[0]["trial_id"], rows[0]["eval_loss"]                            # the best trial  # doctest: +SKIP
 
-The sweep directory holds ``results.csv`` and ``results.md`` (trials ranked by the metric), ``best_config.yaml``
+The sweep folder holds ``results.csv`` and ``results.md`` (trials ranked by the metric), ``best_config.yaml``
 (a pretraining config: ``memtrain pretrain --config .../best_config.yaml``), ``sweep.yaml`` (the resolved sweep
 config), ``trials/<trial_id>/`` and Tune's experiment state in ``tune/``. Re-running the same command on a sweep
-directory that holds an unfinished experiment (Ctrl+C, a crash, ``interrupt_after_trials``) restores it with
+folder that holds an unfinished experiment (Ctrl+C, a crash, ``interrupt_after_trials``) restores it with
 ``Tuner.restore``: finished trials are kept, interrupted ones resume from their newest Train checkpoint, pending
-ones start.
+ones start. ``memtrain sweep`` exits with an error when a trial failed or the sweep did not finish.
 
 Adding another kind of trial (continual learning, PPO) means one more entry in ``TRIAL_KINDS``: its config
 section, how a trial runs, and its time attribute for the schedulers.
@@ -40,30 +42,30 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import itertools
-import json
 import logging
 import math
 import os
-import shutil
 import signal
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from orchestration.checkpoint import TRAINER_STATE_FILE, read_yaml
+from orchestration.checkpoint import TRAINER_STATE_FILE
 from orchestration.config import _valid_keys, from_dict, load_config, to_yaml
 from orchestration.errors import ConfigError, MemtrainError
-from orchestration.files import write_atomic
-from orchestration.pretrain import CHECKPOINTS_DIR, RESUME_KEYS, PretrainConfig, has_checkpoints, read_metrics
+from orchestration.pretrain import RESUME_KEYS, PretrainConfig, check_enough_windows, has_checkpoints
+from orchestration.ray_utils import add_address_arg
+from orchestration.storage import CHECKPOINTS, METRICS_FILE, Location, MetricsLog, ray_storage, read_metrics
+from orchestration.tokenizers import TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
 
 TUNE_DIR = "tune"            # Tune experiment: <output>/tune/{tuner.pkl, experiment_state-*.json, <trial dirs>}
-TRIALS_DIR = "trials"        # one pretraining run directory per trial: <output>/trials/<trial_id>/
+TRIALS_DIR = "trials"        # one pretraining run folder per trial: <output>/trials/<trial_id>/
 INTERRUPT_MARKER = ".drill_interrupted"
 SEARCH_TYPES = ("choice", "grid", "uniform", "loguniform")
 
@@ -113,7 +115,8 @@ class SweepConfig:
     kind: str = "pretrain"
     """What a trial runs: pretrain (a Ray Train pretraining run configured by the ``pretrain`` section)."""
     output: str = "runs/sweep"
-    """Sweep directory: results.csv/.md, best_config.yaml, sweep.yaml, trials/<id>/ and the Tune state in tune/."""
+    """Sweep folder (a local path, a folder every node mounts, or a URI): results.csv/.md, best_config.yaml,
+    sweep.yaml, trials/<id>/, data/ (the token shards) and the Tune state in tune/."""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     """The pretraining config every trial starts from; the search space replaces some of its fields."""
     search: dict[str, Any] = field(default_factory=dict)
@@ -128,7 +131,8 @@ class SweepConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """Trial scheduler and its parameters."""
     max_concurrent_trials: int = 0
-    """Trials running at once (0 = as many as the cluster's CPUs/GPUs hold at once)."""
+    """Trials running at once (0 = as many as the cluster's CPUs/GPUs hold now, at least 1; an autoscaling cluster
+    that has no node for a trial yet starts one for it)."""
     driver_cpus: float = 0.01
     """CPUs reserved by each trial's driver, which only builds and waits on its TorchTrainer (must be > 0: Tune
     refuses an empty reservation). A trial reserves this plus pretrain.workers x pretrain.cpus_per_worker."""
@@ -139,7 +143,7 @@ class SweepConfig:
     """Seed of the search-space sampling (each trial's training seed is pretrain.seed unless searched)."""
     interrupt_after_trials: int = 0
     """Reliability drill: interrupt the sweep like Ctrl+C once this many trials finished, once per sweep
-    directory (0 = never); re-running the command resumes it."""
+    folder (0 = never); re-running the command resumes it."""
 
     def __post_init__(self):
         if self.kind not in TRIAL_KINDS:
@@ -275,12 +279,13 @@ def planned_trials(cfg: SweepConfig) -> int:
 _TRAIN_CHECKPOINT = "train_checkpoint"  # forwarded row key: a Train checkpoint to report as a Tune checkpoint
 
 
-def _make_tune_forwarder(metric: str, earlier: dict, channel, checkpoint_every: int):
+def _make_tune_forwarder(metric: str, earlier: dict, channel, checkpoint_every: int, run: Location):
     """A Ray Train callback (it runs in the Train controller) that puts the reports holding the metric
     (evaluations) and the final one on ``channel`` for the trial's Tune function, merged with the newest figures of
     the run (``earlier``: what a resumed run reported before): Tune then always sees the metric it ranks on, once
     per evaluation, and learns that a resumed run had already finished. Reports at multiples of
-    ``checkpoint_every`` steps (0 = none) before the end carry their Train checkpoint's path for PBT."""
+    ``checkpoint_every`` steps (0 = none) before the end carry their Train checkpoint (its URI in the run folder)
+    for PBT."""
     import ray.train
 
     class ForwardEvaluations(ray.train.UserCallback):
@@ -288,13 +293,14 @@ def _make_tune_forwarder(metric: str, earlier: dict, channel, checkpoint_every: 
             self.latest = dict(earlier)
 
         def after_report(self, run_context, metrics, checkpoint):
-            self.latest.update(metrics[0])
-            if metric in metrics[0] or metrics[0].get("done"):
+            report = {k: v for k, v in metrics[0].items() if k != "resumed_from"}
+            self.latest.update(report)
+            if metric in report or report.get("done"):
                 row = dict(self.latest)
                 # the worker's "done" flag would end the Tune trial while Ray Train is still saving its last state
                 row["finished"] = bool(row.pop("done", False))
                 if checkpoint and checkpoint_every and row["step"] % checkpoint_every == 0 and not row["finished"]:
-                    row[_TRAIN_CHECKPOINT] = checkpoint.path
+                    row[_TRAIN_CHECKPOINT] = (run / CHECKPOINTS / os.path.basename(checkpoint.path)).uri
                 channel.put(row)
 
     return ForwardEvaluations()
@@ -321,13 +327,18 @@ def _fit_and_report(trainer, channel) -> None:
             row = channel.get(timeout=1.0)
         except Empty:
             continue
-        path = row.pop(_TRAIN_CHECKPOINT, None)
-        tune.report(row, checkpoint=tune.Checkpoint.from_directory(path) if path else None)
+        uri = row.pop(_TRAIN_CHECKPOINT, None)
+        checkpoint = None
+        if uri:  # Tune copies it (storage to storage) into the trial's Tune folder
+            where = Location(uri)
+            checkpoint = tune.Checkpoint(path=where.fs_path, filesystem=where.fs)
+        tune.report(row, checkpoint=checkpoint)
     if failure:
         raise failure[0]
 
 
-def _continue_from_tune_checkpoint(run_dir: Path, trial: PretrainConfig, params: dict) -> PretrainConfig:
+def _continue_from_tune_checkpoint(run: Location, sweep: Location, trial: PretrainConfig,
+                                   params: dict) -> PretrainConfig:
     """Where a trial starts when Tune restarts it with a Tune checkpoint (only PBT sweeps report them). Its own
     checkpoint (PBT paused it), or one it already continues from (the sweep was restored): Ray Train resumes from
     the trial's newest checkpoint. Another trial's (PBT's exploit): the trial drops its own checkpoints and later
@@ -337,70 +348,62 @@ def _continue_from_tune_checkpoint(run_dir: Path, trial: PretrainConfig, params:
     handed = tune.get_checkpoint()
     if handed is None:
         return trial
-    source = str(Path(handed.path))
-    saved = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
-    own = read_yaml(Path(source) / "config.yaml").get("output") == str(run_dir)
-    if has_checkpoints(run_dir) and (own or saved.get("init_checkpoint") == source):
+    # Tune keeps its checkpoints in the sweep's storage: the same filesystem, so the path maps to a URI
+    if not handed.path.startswith(sweep.fs_path):
+        raise MemtrainError(f"Tune handed over a checkpoint outside the sweep's storage: {handed.path}")
+    source = Location(sweep.uri + handed.path[len(sweep.fs_path):])
+    saved = (run / "config.yaml").read_yaml() if (run / "config.yaml").is_file() else {}
+    own = (source / "config.yaml").read_yaml().get("output") == run.uri
+    if has_checkpoints(run) and (own or saved.get("init_checkpoint") == source.uri):
         return dataclasses.replace(trial, init_checkpoint=saved.get("init_checkpoint", ""))
-    step = json.loads((Path(source) / TRAINER_STATE_FILE).read_text())["step"]
-    shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
-    kept = [row for row in read_metrics(run_dir) if row["step"] <= step]
-    write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in kept))
-    print(f"[memtrain] trial {run_dir.name} continues from {source} (step {step}) with {params}", flush=True)
-    return dataclasses.replace(trial, init_checkpoint=source)
+    step = (source / TRAINER_STATE_FILE).read_json()["step"]
+    (run / CHECKPOINTS).remove()
+    MetricsLog(run / METRICS_FILE).keep(lambda row: row["step"] <= step)
+    print(f"[memtrain] trial {run.name} continues from {source} (step {step}) with {params}", flush=True)
+    return dataclasses.replace(trial, init_checkpoint=source.uri)
 
 
 # settings of the data section that change the token shards (seq_len only changes how they are cut into windows)
 _SHARD_KEYS = [f.name for f in dataclasses.fields(PretrainConfig().data) if f.name != "seq_len"]
 
 
-def _prepare_trial_data(trial: PretrainConfig, run_dir: Path, shared: dict, base: PretrainConfig):
+def _prepare_trial_data(trial: PretrainConfig, run: Location, shared, base: PretrainConfig):
     """Reuse the sweep's tokenizer and shards unless the trial searched a setting that changes them."""
-    from orchestration.data import PreparedData, prepare_data
+    from orchestration.data import prepare_data
 
     if all(getattr(trial.data, k) == getattr(base.data, k) for k in _SHARD_KEYS):
-        data = PreparedData(**shared)
-        if not (run_dir / "tokenizer.json").is_file():
-            shutil.copy2(data.tokenizer_path, run_dir / "tokenizer.json")
-        return dataclasses.replace(data, tokenizer_path=str(run_dir / "tokenizer.json"))
-    return prepare_data(trial.data, run_dir)
+        if not (run / TOKENIZER_FILE).is_file():
+            (run / TOKENIZER_FILE).write_text(shared.tokenizer_json(trial.data.cache_dir))
+        return shared
+    return prepare_data(trial.data, run)
 
 
-def _check_enough_windows(cfg: PretrainConfig, data) -> None:
-    needed = cfg.workers * cfg.grad_accum * cfg.batch_size
-    for split, minimum in (("train", needed), ("validation", 1)):
-        have = (data.n_tokens[split] - 1) // cfg.data.seq_len
-        if have < minimum:
-            raise ConfigError(f"the {split} split has {have} windows of {cfg.data.seq_len} tokens, a step needs "
-                              f"{minimum}; use more text, a shorter data.seq_len or a smaller batch")
-
-
-def run_pretrain_trial(params: dict, *, sweep: dict, shared_data: dict, sweep_dir: str) -> None:
+def run_pretrain_trial(params: dict, *, sweep: SweepConfig, shared_data) -> None:
     """The Tune function trainable of ``kind: pretrain``: fit one TorchTrainer with the sampled params."""
     from ray import tune
     from ray.util.queue import Queue
 
     from orchestration.pretrain import _make_metrics_sink, make_trainer, resolve_init_checkpoint
 
-    cfg = from_dict(SweepConfig, sweep)
+    cfg = sweep
     trial_id = tune.get_context().get_trial_id()
-    run_dir = Path(sweep_dir) / TRIALS_DIR / trial_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trial = dataclasses.replace(trial_config(cfg.pretrain, params), output=str(run_dir))
-    data = _prepare_trial_data(trial, run_dir, shared_data, cfg.pretrain)
-    _check_enough_windows(trial, data)
-    trial = _continue_from_tune_checkpoint(run_dir, trial, params)
-    if trial.init_checkpoint and not has_checkpoints(run_dir):
+    sweep_root = Location(cfg.output)
+    run = sweep_root / TRIALS_DIR / trial_id
+    trial = dataclasses.replace(trial_config(cfg.pretrain, params), output=run.uri)
+    data = _prepare_trial_data(trial, run, shared_data, cfg.pretrain)
+    check_enough_windows(trial, data)
+    trial = _continue_from_tune_checkpoint(run, sweep_root, trial, params)
+    if trial.init_checkpoint and not has_checkpoints(run):
         trial = dataclasses.replace(trial, init_checkpoint=resolve_init_checkpoint(trial, data)[0])
-    (run_dir / "config.yaml").write_text(to_yaml(trial))
-    earlier = {k: v for row in read_metrics(run_dir) for k, v in row.items() if k != "checkpoint"}
+    (run / "config.yaml").write_text(to_yaml(trial))
+    earlier = {k: v for row in read_metrics(run) for k, v in row.items() if k != "checkpoint"}
     channel = Queue(maxsize=1, actor_options={"num_cpus": 0})
     tune_checkpoint_every = _pbt_interval(cfg) if cfg.scheduler.name == "pbt" else 0
     # The same Train run as `memtrain pretrain` (a restored trial resumes from its newest checkpoint), with a
     # bounded controller_failure_limit: a worker group that cannot start fails the trial, not hangs it
-    trainer = make_trainer(trial, data, run_dir,
-                           [_make_metrics_sink(str(run_dir)),
-                            _make_tune_forwarder(cfg.metric, earlier, channel, tune_checkpoint_every)],
+    trainer = make_trainer(trial, data, run,
+                           [_make_metrics_sink(run),
+                            _make_tune_forwarder(cfg.metric, earlier, channel, tune_checkpoint_every, run)],
                            controller_failure_limit=cfg.trial_start_retries)
     _fit_and_report(trainer, channel)
 
@@ -446,7 +449,7 @@ def _scheduler(cfg: SweepConfig):
                          reduction_factor=cfg.scheduler.reduction_factor, brackets=cfg.scheduler.brackets)
 
 
-def _interrupt_callback(sweep_dir: Path, after: int):
+def _interrupt_callback(sweep_dir: Location, after: int):
     """A Tune callback that interrupts the sweep the way Ctrl+C does (Tune saves its state and returns) once
     ``after`` trials finished, once per sweep directory (a marker file remembers it across the restore)."""
     from ray import tune
@@ -459,7 +462,7 @@ def _interrupt_callback(sweep_dir: Path, after: int):
             self.finished += 1
             marker = sweep_dir / INTERRUPT_MARKER
             if self.finished >= after and not marker.exists():
-                marker.touch()
+                marker.write_text("")
                 log.warning("drill: interrupting the sweep after %d finished trial(s)", self.finished)
                 os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own interrupt handler (same path as Ctrl+C)
 
@@ -472,21 +475,23 @@ def _trial_resources(cfg: SweepConfig) -> dict:
 
 
 def _concurrency(cfg: SweepConfig) -> int:
-    """The concurrency limit: Tune only sees the drivers' reservations (Train workers reserve their own), so it
-    must be told how many trials fit, or extra trials wait for workers until their start-up times out."""
+    """Trials that run at once: max_concurrent_trials, or as many as the cluster's resources hold now (at least
+    one). Tune only sees the drivers' reservations (Train workers reserve their own), so it must be told, or extra
+    trials wait for workers until their start-up times out. A cluster with no node for a trial yet (an autoscaling
+    cluster whose GPU workers are all released) is not refused: the trial's workers ask the autoscaler for one."""
     import ray
 
+    if cfg.max_concurrent_trials:
+        return cfg.max_concurrent_trials
     total = ray.cluster_resources()
     need = _trial_resources(cfg)
     fits = min(int(total.get(k, 0) // v) for k, v in need.items() if v > 0)
     if fits < 1:
-        raise ConfigError(f"one trial needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs but the Ray cluster has "
-                          f"{total.get('CPU', 0):g} and {total.get('GPU', 0):g}; lower pretrain.workers or "
-                          "pretrain.cpus_per_worker (fractions allowed)")
-    if cfg.max_concurrent_trials > fits:
-        log.warning("max_concurrent_trials=%d but only %d trial(s) fit on the cluster at once", cfg.max_concurrent_trials,
-                    fits)
-    return min(cfg.max_concurrent_trials or fits, fits)
+        log.warning("one trial needs %g CPUs and %g GPUs but the Ray cluster has %g and %g now: trials run one at a "
+                    "time, each waiting for the autoscaler to add a node (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S "
+                    "bounds the wait; pretrain.workers or pretrain.cpus_per_worker ask for less)", need["CPU"],
+                    need["GPU"], total.get("CPU", 0), total.get("GPU", 0))
+    return max(1, fits)
 
 
 def _resolved_sweep(cfg: SweepConfig) -> dict:
@@ -498,17 +503,16 @@ def _resolved_sweep(cfg: SweepConfig) -> dict:
     return values
 
 
-def _check_restorable(sweep_dir: Path, cfg: SweepConfig) -> None:
+def _check_restorable(sweep_dir: Location, cfg: SweepConfig) -> None:
     saved_path = sweep_dir / "sweep.yaml"
     if not saved_path.is_file():
         return
-    saved = yaml.safe_load(saved_path.read_text())
-    saved = _resolved_sweep(from_dict(SweepConfig, saved))
+    saved = _resolved_sweep(from_dict(SweepConfig, saved_path.read_yaml()))
     now = _resolved_sweep(cfg)
     diffs = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if diffs:
         raise ConfigError(f"{sweep_dir} holds a sweep with different {', '.join(diffs)}, so it cannot be resumed; "
-                          "use the same settings, or a new output directory")
+                          "use the same settings, or a new output folder")
 
 
 def sweep(cfg: SweepConfig) -> list[dict]:
@@ -516,29 +520,31 @@ def sweep(cfg: SweepConfig) -> list[dict]:
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from orchestration.data import prepare_data
+    from orchestration.data import check_source, prepare_data
     from orchestration.ray_utils import ensure_ray
+    from orchestration.storage import require_shared
 
     _check_search_keys(cfg)
-    sweep_dir = Path(cfg.output).expanduser().resolve()
-    cfg = dataclasses.replace(cfg, output=str(sweep_dir))
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    check_source(cfg.pretrain.data.source)
+    sweep_dir = Location(cfg.output)
+    cfg = dataclasses.replace(cfg, output=sweep_dir.uri)
     experiment = sweep_dir / TUNE_DIR
-    restoring = tune.Tuner.can_restore(str(experiment))
+    restoring = (experiment / "tuner.pkl").is_file()
     if restoring:
         _check_restorable(sweep_dir, cfg)
-    (sweep_dir / "sweep.yaml").write_text(to_yaml(cfg))
-    # tokenize once for the whole sweep: trials share the tokenizer and the cached token shards
-    shared = prepare_data(cfg.pretrain.data, sweep_dir)
     ensure_ray()
+    require_shared(sweep_dir, "output")  # trials on every node write their runs there
+    (sweep_dir / "sweep.yaml").write_text(to_yaml(cfg))
+    # tokenize once for the whole sweep: trials share the tokenizer and the published token shards
+    shared = prepare_data(cfg.pretrain.data, sweep_dir)
     concurrency = _concurrency(cfg)
     trainable = tune.with_resources(
-        tune.with_parameters(TRIAL_KINDS[cfg.kind].run, sweep=dataclasses.asdict(cfg),
-                             shared_data=dataclasses.asdict(shared), sweep_dir=str(sweep_dir)),
-        {"cpu": cfg.driver_cpus})
+        tune.with_parameters(TRIAL_KINDS[cfg.kind].run, sweep=cfg, shared_data=shared), {"cpu": cfg.driver_cpus})
     if restoring:
         log.info("restoring the unfinished sweep in %s", experiment)
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        where = ray_storage(experiment)
+        tuner = tune.Tuner.restore(where["storage_path"], trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=where.get("storage_filesystem"))
     else:
         callbacks = [_interrupt_callback(sweep_dir, cfg.interrupt_after_trials)] if cfg.interrupt_after_trials else []
         log.info("sweep of %d trial(s), %d at a time, each reserving %s", planned_trials(cfg), concurrency,
@@ -554,7 +560,7 @@ def sweep(cfg: SweepConfig) -> list[dict]:
                                         # max_concurrent_trials when given a generator)
                                         search_alg=BasicVariantGenerator(random_state=cfg.seed,
                                                                          max_concurrent=concurrency)),
-            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir), callbacks=callbacks,
+            run_config=tune.RunConfig(name=TUNE_DIR, **ray_storage(sweep_dir), callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=0)))
     results = tuner.fit()
     rows = rank_trials(results, cfg)
@@ -589,7 +595,7 @@ def rank_trials(results, cfg: SweepConfig) -> list[dict]:
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or (result.config or {}).get("trial_id") or Path(result.path).name
+        trial_id = metrics.get("trial_id") or (result.config or {}).get("trial_id") or os.path.basename(result.path)
         history = result.metrics_dataframe
         best = None
         if history is not None and cfg.metric in history:
@@ -602,7 +608,7 @@ def rank_trials(results, cfg: SweepConfig) -> list[dict]:
             "step": metrics.get("step"), "tokens": metrics.get("tokens"), "loss": metrics.get("loss"),
             "tokens_per_s": metrics.get("tokens_per_s"),
             "wall_s": round(metrics["time_total_s"], 1) if "time_total_s" in metrics else None,
-            "run_dir": str(Path(cfg.output) / TRIALS_DIR / trial_id),
+            "run_dir": (Location(cfg.output) / TRIALS_DIR / trial_id).uri,
         })
     sign = 1 if cfg.mode == "min" else -1
     rows.sort(key=lambda r: (r[cfg.metric] is None or r["status"] == "error",
@@ -617,15 +623,16 @@ def results_columns(cfg: SweepConfig) -> list[str]:
             "tokens_per_s", "wall_s", "run_dir"]
 
 
-def write_results(sweep_dir: Path, rows: list[dict], cfg: SweepConfig) -> None:
+def write_results(sweep_dir: Location, rows: list[dict], cfg: SweepConfig) -> None:
     """results.csv, results.md (the ranking) and best_config.yaml (the best trial's pretraining config)."""
     from orchestration.report import markdown_table
 
     columns = results_columns(cfg)
-    with (sweep_dir / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    (sweep_dir / "results.csv").write_text(buf.getvalue())
     shown = [c for c in columns if c != "run_dir"]
     md = [f"# Sweep {sweep_dir.name}: {cfg.kind}, ranked by {cfg.metric} ({cfg.mode})", "",
           markdown_table(rows, shown), ""]
@@ -633,8 +640,8 @@ def write_results(sweep_dir: Path, rows: list[dict], cfg: SweepConfig) -> None:
     best = rows[0] if rows and rows[0][cfg.metric] is not None and rows[0]["status"] != "error" else None
     if best is None:
         return
-    best_cfg = yaml.safe_load((Path(best["run_dir"]) / "config.yaml").read_text())
-    best_cfg["output"] = str(sweep_dir / "best")  # a fresh run dir: e.g. train the winner longer
+    best_cfg = (Location(best["run_dir"]) / "config.yaml").read_yaml()
+    best_cfg["output"] = (sweep_dir / "best").uri  # a fresh run folder: e.g. train the winner longer
     header = (f"# best trial {best['trial_id']} of {sweep_dir}: {cfg.metric} {best[cfg.metric]:.6g}\n"
               f"# memtrain pretrain --config {sweep_dir / 'best_config.yaml'} max_steps=...\n")
     (sweep_dir / "best_config.yaml").write_text(header + yaml.safe_dump(best_cfg, sort_keys=False))
@@ -644,7 +651,12 @@ def write_results(sweep_dir: Path, rows: list[dict], cfg: SweepConfig) -> None:
 
 def _cmd_sweep(args) -> None:
     cfg = load_config(SweepConfig, args.file, args.overrides)
-    sweep(cfg)
+    rows = sweep(cfg)
+    unfinished = [f"{r['trial_id']} {r['status']}" for r in rows if r["status"] not in ("completed", "stopped early")]
+    if unfinished or len(rows) < planned_trials(cfg):
+        raise MemtrainError(f"the sweep did not finish: {len(rows) - len(unfinished)} of {planned_trials(cfg)} "
+                            f"trials finished ({', '.join(unfinished) or 'the rest never started'}); see the log "
+                            "above, then run the same command again to resume it")
 
 
 def register(subparsers) -> None:
@@ -654,6 +666,7 @@ def register(subparsers) -> None:
         description="Run a Ray Tune sweep described by FILE.yaml (presets in configs/sweeps/). Re-running on the "
                     "same output directory resumes an interrupted sweep.")
     p.add_argument("file", metavar="FILE.yaml", help="sweep config (see configs/sweeps/)")
+    add_address_arg(p)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override any sweep field, e.g. num_samples=8 pretrain.max_steps=400 output=runs/s2")
     p.set_defaults(func=_cmd_sweep)

@@ -1,6 +1,7 @@
 """Tokenizers: a byte-level BPE trained with Hugging Face ``tokenizers``, and raw bytes. Both round-trip text exactly.
 
-Both save to one ``tokenizer.json`` in a directory and load back with ``load_tokenizer(directory)``.
+Both save to one ``tokenizer.json`` in a folder (local, a shared mount or a URI) and load back with
+``load_tokenizer(folder)``.
 
 Example::
 
@@ -13,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Iterable, Protocol
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from orchestration.errors import DataError
-from orchestration.files import write_atomic
+from orchestration.storage import Location
 
 TOKENIZER_FILE = "tokenizer.json"
 EOS = "<|endoftext|>"
@@ -34,7 +34,7 @@ class TextTokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
-    def save(self, directory: str | os.PathLike) -> None: ...
+    def save(self, directory: str | os.PathLike | Location) -> None: ...
     def to_json(self) -> str: ...
 
 
@@ -57,8 +57,8 @@ class ByteTokenizer:
     def to_json(self) -> str:
         return json.dumps({"memtrain_tokenizer": "bytes"})
 
-    def save(self, directory: str | os.PathLike) -> None:
-        write_atomic(Path(directory) / TOKENIZER_FILE, self.to_json())
+    def save(self, directory: str | os.PathLike | Location) -> None:
+        (Location(directory) / TOKENIZER_FILE).write_text(self.to_json())
 
 
 class BPETokenizer:
@@ -88,8 +88,8 @@ class BPETokenizer:
     def to_json(self) -> str:
         return self._tok.to_str()
 
-    def save(self, directory: str | os.PathLike) -> None:
-        write_atomic(Path(directory) / TOKENIZER_FILE, self.to_json())
+    def save(self, directory: str | os.PathLike | Location) -> None:
+        (Location(directory) / TOKENIZER_FILE).write_text(self.to_json())
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
@@ -113,17 +113,19 @@ def tokenizer_from_json(text: str) -> TextTokenizer:
     return BPETokenizer(Tokenizer.from_str(text))
 
 
-def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
-    """Load a tokenizer saved by memtrain: a directory holding tokenizer.json, or the file itself."""
-    p = Path(path)
-    file = p / TOKENIZER_FILE if p.is_dir() else p
-    if not file.is_file():
-        raise DataError(f"no tokenizer at {str(p)!r}: expected a {TOKENIZER_FILE} written by a memtrain run "
-                        "(for example runs/x/tokenizer.json), or use tokenizer=bpe / tokenizer=bytes to make one")
+def load_tokenizer(path: str | os.PathLike | Location) -> TextTokenizer:
+    """Load a tokenizer saved by memtrain: a folder holding tokenizer.json (a run, a checkpoint), or the file."""
+    where = Location(path)
+    file = where / TOKENIZER_FILE if where.is_dir() else where
     try:
-        return tokenizer_from_json(file.read_text())
+        text = file.read_text()
+    except FileNotFoundError:
+        raise DataError(f"no tokenizer at {where.uri!r}: expected a {TOKENIZER_FILE} written by a memtrain run "
+                        "(for example runs/x/tokenizer.json), or use tokenizer=bpe / tokenizer=bytes to make one") from None
+    try:
+        return tokenizer_from_json(text)
     except (ValueError, Exception) as exc:  # tokenizers raises plain Exception on a malformed file
-        raise DataError(f"cannot read tokenizer {str(file)!r}: {exc}") from None
+        raise DataError(f"cannot read tokenizer {file.uri!r}: {exc}") from None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

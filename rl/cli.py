@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import yaml
 
+from orchestration.ray_utils import add_address_arg
 from rl.errors import RLError
 
 
@@ -38,17 +38,19 @@ def baseline_policies(env: str, env_config: dict) -> dict:
 
 
 def _cmd_eval(args) -> int:
+    from orchestration.ray_utils import ensure_ray
+    from orchestration.storage import Location
     from rl.evaluate import evaluate, write_report
-    from rl.policy import LearnedPolicy
+    from rl.policy import POLICY_SPEC, LearnedPolicy
 
-    policy_dir = Path(args.policy)
-    if (policy_dir / "policy").is_dir():  # a run directory
+    policy_dir = Location(args.policy)
+    if (policy_dir / "policy" / POLICY_SPEC).is_file():  # a run folder
         policy_dir = policy_dir / "policy"
     learned = LearnedPolicy.load(policy_dir)
     if learned.env_name != args.env:
         raise RLError(f"the policy in {policy_dir} was trained on env {learned.env_name!r}, not {args.env!r}")
     run_config = policy_dir.parent / "config.yaml"
-    env_config = (yaml.safe_load(run_config.read_text()) or {}).get("env_config", {}) if run_config.is_file() else {}
+    env_config = (run_config.read_yaml() or {}).get("env_config", {}) if run_config.is_file() else {}
     for item in args.overrides:
         key, _, value = item.partition("=")
         env_config[key.removeprefix("env_config.")] = yaml.safe_load(value)
@@ -60,6 +62,8 @@ def _cmd_eval(args) -> int:
         raise RLError(f"unknown baseline(s) {unknown} for {args.env}; available: {', '.join(baselines)}")
     policies.update({name: baselines[name] for name in wanted})
     seeds = list(range(1000, 1000 + args.seeds))  # held out: training uses seeds below 1000
+    if args.env == "meta" and env_config.get("memory", "actor") == "actor":
+        ensure_ray()  # the env reaches the shared memory actor
     rows = evaluate(args.env, env_config, policies, seeds, args.episodes)
     out = write_report(rows, args.output or policy_dir.parent / "eval", f"{args.env} controller: learned vs fixed")
     print((out / "results.md").read_text())
@@ -96,6 +100,7 @@ def register(subparsers) -> None:
     train.add_argument("--output")
     train.add_argument("--env-runners", dest="env_runners", type=int, help="remote env runners (0 = in the driver)")
     train.add_argument("--config", help="YAML config (see configs/rl/)")
+    add_address_arg(train)
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. ppo.lr=1e-4 env_config.tasks=3")
     train.set_defaults(func=_cmd_train)
     tn = sub.add_parser("tune", help="sweep PPO hyperparameters (lr, entropy, batch) with Ray Tune")
@@ -103,15 +108,18 @@ def register(subparsers) -> None:
     tn.add_argument("--iterations", type=int, help="PPO iterations per trial")
     tn.add_argument("--output")
     tn.add_argument("--config", help="YAML config (fields of rl.tune.PPOTuneConfig)")
+    add_address_arg(tn)
     tn.add_argument("overrides", nargs="*", metavar="key=value",
                     help="e.g. lr=[1e-4,1e-3] entropy_coeff=[0,0.01] base.env_config.reward=tiur")
     tn.set_defaults(func=_cmd_tune)
     ev = sub.add_parser("eval", help="a learned policy against fixed baselines, 95%% intervals over seeds")
     ev.add_argument("env")
-    ev.add_argument("--policy", required=True, help="run directory of `memtrain rl train` (or its policy/)")
+    ev.add_argument("--policy", required=True,
+                    help="run folder of `memtrain rl train` (or its policy/): a path or a URI (s3://...)")
     ev.add_argument("--baselines", default="all", help="comma-separated baseline names, or all")
     ev.add_argument("--seeds", type=int, default=3)
     ev.add_argument("--episodes", type=int, default=5, help="episodes per seed")
     ev.add_argument("--output", help="where results.md/json and returns.png go (default <run>/eval)")
+    add_address_arg(ev)
     ev.add_argument("overrides", nargs="*", metavar="env_config.key=value")
     ev.set_defaults(func=_cmd_eval)

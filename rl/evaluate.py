@@ -6,15 +6,14 @@ policy (``LearnedPolicy``) or an env module's fixed baselines (``baseline_polici
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from orchestration.report import markdown_table
+from orchestration.report import markdown_table, pyplot, save_png
+from orchestration.storage import Location
 from rl.envs import make_env
 
 
@@ -68,27 +67,20 @@ def evaluate(env_name: str, env_config: dict, policies: dict[str, Policy], seeds
     return sorted(rows, key=lambda r: -r["return_mean"])
 
 
-def write_report(rows: list[dict], out_dir: str | os.PathLike, title: str) -> Path:
-    """results.json, results.md (table) and returns.png (means with 95% intervals)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2, allow_nan=False))
+def write_report(rows: list[dict], out_dir: str | os.PathLike | Location, title: str) -> Location:
+    """results.json, results.md (table) and returns.png (means with 95% intervals) in a folder (local, shared or a
+    URI)."""
+    out = Location(out_dir)
+    (out / "results.json").write_json(rows)
     columns = ["policy", "return_mean", "ci95", "seeds"] + sorted({k for r in rows for k in r}
                                                                   - {"policy", "return_mean", "ci95", "seeds", "low",
                                                                      "high"})
     (out / "results.md").write_text(f"# {title}\n\n{markdown_table(rows, columns)}\n")
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(rows)))
+    fig, ax = pyplot().subplots(figsize=(6, 0.5 + 0.45 * len(rows)))
     ax.barh([r["policy"] for r in rows], [r["return_mean"] for r in rows], xerr=[r["ci95"] for r in rows],
             color="tab:blue", alpha=0.7, capsize=3)
     ax.invert_yaxis()
     ax.set_xlabel("mean episode return (95% CI over seeds)")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(out / "returns.png", dpi=110)
-    plt.close(fig)
+    save_png(fig, out / "returns.png")
     return out

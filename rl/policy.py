@@ -2,7 +2,7 @@
 
 Example::
 
-    policy = LearnedPolicy.load("runs/rl-thermo/policy")
+    policy = LearnedPolicy.load("runs/rl-thermo/policy")   # or a URI: s3://bucket/runs/rl-thermo/policy
     policy.reset()                         # fresh recurrent state at the start of an episode
     action = policy.act(observation)       # deterministic; Box actions mapped back to the env's ranges
 """
@@ -19,6 +19,7 @@ import safetensors.torch
 import torch
 import tree  # dm-tree, installed with RLlib
 
+from orchestration.storage import Location
 from rl.errors import RLError
 from rl.spaces import space_from_json, space_to_json
 
@@ -67,24 +68,25 @@ class LearnedPolicy:
         self.reset()
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "LearnedPolicy":
+    def load(cls, directory: str | os.PathLike | Location) -> "LearnedPolicy":
+        """Load an exported policy folder (local, on a shared mount or a URI)."""
         from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
         from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
-        directory = Path(directory)
-        if not (directory / POLICY_SPEC).is_file() or not (directory / POLICY_WEIGHTS).is_file():
-            raise RLError(f"no exported policy in {str(directory)!r}: expected {POLICY_SPEC} and {POLICY_WEIGHTS} "
-                          "written by `memtrain rl train` (the run's policy/ directory)")
-        spec = json.loads((directory / POLICY_SPEC).read_text())
+        where = Location(directory)
+        if not (where / POLICY_SPEC).is_file() or not (where / POLICY_WEIGHTS).is_file():
+            raise RLError(f"no exported policy in {where.uri!r}: expected {POLICY_SPEC} and {POLICY_WEIGHTS} "
+                          "written by `memtrain rl train` (the run's policy/ folder)")
+        spec = (where / POLICY_SPEC).read_json()
         module = RLModuleSpec(module_class=_ppo_module_class(),
                               observation_space=space_from_json(spec["observation_space"]),
                               action_space=space_from_json(spec["action_space"]),
                               model_config=DefaultModelConfig(**spec["model_config"]),
                               inference_only=spec.get("inference_only", False)).build()
         try:
-            module.load_state_dict(safetensors.torch.load_file(str(directory / POLICY_WEIGHTS)))
-        except (RuntimeError, OSError) as exc:
-            raise RLError(f"policy weights in {directory} do not load: {exc}") from None
+            module.load_state_dict(safetensors.torch.load((where / POLICY_WEIGHTS).read_bytes()))
+        except (RuntimeError, OSError, safetensors.SafetensorError) as exc:
+            raise RLError(f"policy weights in {where} do not load: {exc}") from None
         return cls(module, spec)
 
     def reset(self) -> None:

@@ -4,27 +4,28 @@ Example::
 
     memtrain rl train thermo --iterations 20 --output runs/rl-thermo ppo.lr=3e-4 env_config.tasks=3
 
-The run directory holds ``config.yaml``, ``metrics.jsonl`` (one row per iteration: episode return, reward parts,
-action statistics, losses, env steps/s), ``summary.json``, ``checkpoints/iter_NNNN`` (RLlib's own format, for
-resuming) and ``policy/`` (the latest policy exported as safetensors + JSON, what ``LearnedPolicy.load`` reads).
-Re-running into the same output resumes from the newest checkpoint.
+The run folder (a local path, a folder every node mounts, or a URI) holds ``config.yaml``, ``metrics.jsonl`` (one
+row per iteration: episode return, reward parts, action statistics, losses, env steps/s), ``summary.json``,
+``checkpoints/iter_NNNN`` (RLlib's own format, for resuming) and ``policy/`` (the latest policy exported as
+safetensors + JSON, what ``LearnedPolicy.load`` reads). Re-running into the same output resumes from the newest
+checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from orchestration.config import to_yaml
 from orchestration.errors import ConfigError
-from orchestration.files import write_atomic
+from orchestration.storage import (CHECKPOINTS, METRICS_FILE, Location, MetricsLog, TensorBoardLog, copy_folder,
+                                   latest_checkpoint, local_copy, prune_checkpoints, staged)
 from rl.policy import export_policy
+
+CHECKPOINT_PREFIX = "iter_"  # checkpoints/iter_0004: the PPO iteration
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class RLTrainConfig:
     env_config: dict[str, Any] = field(default_factory=dict)
     """Passed to the env (see the env's config class for its fields)."""
     output: str = "runs/rl"
-    """Run directory."""
+    """Run folder: a local path, a folder every node mounts, or a URI."""
     iterations: int = 20
     """PPO iterations (training_iteration) to reach; a resumed run continues up to this number."""
     num_env_runners: int = 0
@@ -125,60 +126,54 @@ def _row(result: dict, wall_s: float) -> dict:
     return {k: v for k, v in row.items() if v is not None}
 
 
-def _latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(p for p in (run_dir / "checkpoints").glob("iter_*") if (p / "rllib_checkpoint.json").is_file())
-    return found[-1] if found else None
-
-
 def train_ppo(cfg: RLTrainConfig) -> dict:
     """Train (or resume) a PPO policy; returns the summary also written to summary.json."""
     from orchestration.ray_utils import ensure_ray
 
-    run_dir = Path(cfg.output).expanduser().resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    run = Location(cfg.output)
+    (run / "config.yaml").write_text(to_yaml(cfg))
     ensure_ray()
     algo = build_ppo_config(cfg).build_algo()
-    latest = _latest_checkpoint(run_dir)
-    if latest:  # our own checkpoint (RLlib's format holds pickles: only restore run directories you wrote)
-        algo.restore(str(latest))
-        log.info("resumed PPO from %s (iteration %d)", latest, algo.iteration)
-    from torch.utils.tensorboard import SummaryWriter
-
+    metrics = MetricsLog(run / METRICS_FILE)
+    latest = latest_checkpoint(run, CHECKPOINT_PREFIX)
+    if latest:  # our own checkpoint (RLlib's format holds pickles: only restore run folders you wrote)
+        with local_copy(latest.location) as path:
+            algo.restore(str(path))
+        metrics.keep(lambda row: row["iteration"] <= algo.iteration)  # iterations after it are trained again
+        log.info("resumed PPO from %s (iteration %d)", latest.location, algo.iteration)
+    else:
+        (run / METRICS_FILE).remove()
     started = time.time()
-    tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+    tensorboard = TensorBoardLog(run / "tensorboard")
     try:
         while algo.iteration < cfg.iterations:
             t0 = time.perf_counter()
             result = algo.train()
             row = _row(result, time.perf_counter() - t0)
-            with (run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            for key, value in row.items():
-                if key != "iteration":
-                    tensorboard.add_scalar(f"rl/{key}", value, row["iteration"])
+            metrics.append(row)
+            tensorboard.scalars({k: v for k, v in row.items() if k != "iteration"}, row["iteration"], "rl")
             print(f"[memtrain rl] iter {row['iteration']} | return {row.get('episode_return_mean', float('nan')):.3f}"
                   f" | {row.get('env_steps_per_s', 0):.1f} env steps/s | {row['iteration_s']:.1f} s", flush=True)
             if algo.iteration % cfg.checkpoint_every == 0 or algo.iteration >= cfg.iterations:
-                _checkpoint(algo, cfg, run_dir)
+                _checkpoint(algo, cfg, run)
+                tensorboard.flush(upload=True)
     finally:
         tensorboard.close()
         algo.stop()
-    summary = {"env": cfg.env, "iterations": algo.iteration, "policy": str(run_dir / "policy"),
-               "checkpoint": str(_latest_checkpoint(run_dir)), "wall_s": round(time.time() - started, 1)}
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    returns = [r["episode_return_mean"] for r in rows if "episode_return_mean" in r]
+    latest = latest_checkpoint(run, CHECKPOINT_PREFIX)
+    summary = {"env": cfg.env, "iterations": algo.iteration, "policy": (run / "policy").uri,
+               "checkpoint": latest.location.uri if latest else None, "wall_s": round(time.time() - started, 1)}
+    returns = [r["episode_return_mean"] for r in metrics.rows() if "episode_return_mean" in r]
     summary.update(first_return=returns[0] if returns else None, final_return=returns[-1] if returns else None)
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
+    (run / "summary.json").write_json(summary)
     return summary
 
 
-def _checkpoint(algo, cfg: RLTrainConfig, run_dir: Path) -> None:
-    target = run_dir / "checkpoints" / f"iter_{algo.iteration:04d}"
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    algo.save(str(tmp))
-    os.replace(tmp, target)  # complete or absent: a crash mid-save leaves only the .tmp
-    export_policy(algo, cfg.env, run_dir / "policy")
-    for old in sorted((run_dir / "checkpoints").glob("iter_????"))[:-cfg.keep_checkpoints]:
-        shutil.rmtree(old)
+def _checkpoint(algo, cfg: RLTrainConfig, run: Location) -> None:
+    """RLlib's checkpoint (complete or absent, see copy_folder), the exported policy, and pruning."""
+    with tempfile.TemporaryDirectory(prefix="memtrain-rl-") as tmp:
+        algo.save(tmp)
+        copy_folder(tmp, run / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{algo.iteration:04d}")
+    with staged(run / "policy") as folder:
+        export_policy(algo, cfg.env, folder)
+    prune_checkpoints(run, CHECKPOINT_PREFIX, cfg.keep_checkpoints)

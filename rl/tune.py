@@ -5,22 +5,26 @@ Example::
 
     memtrain rl tune thermo --iterations 5 lr=[1e-4,3e-4,1e-3] entropy_coeff=[0.0,0.01]
 
-The output directory holds Tune's experiment (``tune/``, one trial directory with RLlib checkpoints each),
+The output folder (a local path, a folder every node mounts, or a URI) holds Tune's experiment (``tune/``, one
+trial folder with RLlib checkpoints each),
 ``results.csv`` and ``results.md`` (trials ranked by mean episode return) and ``best.yaml`` (the winning
 hyperparameters as ``memtrain rl train`` overrides). Re-running the same command restores an interrupted sweep.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
 from orchestration.config import to_yaml
 from orchestration.errors import ConfigError
 from orchestration.report import markdown_table
+from orchestration.storage import Location, ray_storage, require_shared
 from rl.train import RLTrainConfig, build_ppo_config
 
 log = logging.getLogger(__name__)
@@ -33,7 +37,7 @@ class PPOTuneConfig:
     base: RLTrainConfig = field(default_factory=RLTrainConfig)
     """The PPO run every trial starts from (env, env_config, model, other PPO settings)."""
     output: str = "runs/rl-tune"
-    """Sweep directory."""
+    """Sweep folder: a local path, a folder every node mounts, or a URI."""
     iterations: int = 5
     """PPO iterations per trial."""
     lr: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
@@ -61,28 +65,30 @@ def tune_ppo(cfg: PPOTuneConfig) -> list[dict]:
 
     from orchestration.ray_utils import ensure_ray
 
-    out = Path(cfg.output).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.yaml").write_text(to_yaml(cfg))
+    out = Location(cfg.output)
     ensure_ray()
+    require_shared(out, "output")  # trials on every node write their checkpoints there
+    (out / "sweep.yaml").write_text(to_yaml(cfg))
     ppo = build_ppo_config(cfg.base).training(
         lr=tune.grid_search(cfg.lr), entropy_coeff=tune.grid_search(cfg.entropy_coeff),
         train_batch_size_per_learner=tune.grid_search(cfg.train_batch_size or [cfg.base.ppo.train_batch_size]))
     experiment = out / "tune"
-    if tune.Tuner.can_restore(str(experiment)):
+    if (experiment / "tuner.pkl").is_file():
         log.info("restoring the interrupted sweep in %s", experiment)
-        tuner = tune.Tuner.restore(str(experiment), trainable=ppo.algo_class, resume_errored=True)
+        where = ray_storage(experiment)
+        tuner = tune.Tuner.restore(where["storage_path"], trainable=ppo.algo_class, resume_errored=True,
+                                   storage_filesystem=where.get("storage_filesystem"))
     else:
         tuner = tune.Tuner(
             ppo.algo_class, param_space=ppo,
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", max_concurrent_trials=cfg.max_concurrent_trials),
-            run_config=tune.RunConfig(name="tune", storage_path=str(out), stop={"training_iteration": cfg.iterations},
+            run_config=tune.RunConfig(name="tune", **ray_storage(out), stop={"training_iteration": cfg.iterations},
                                       checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=True)))
     grid = tuner.fit()
     rows = []
     for result in grid:
         config = result.config or {}
-        rows.append({"trial": Path(result.path).name, "lr": config.get("lr"),
+        rows.append({"trial": os.path.basename(result.path), "lr": config.get("lr"),
                      "entropy_coeff": config.get("entropy_coeff"),
                      "train_batch_size": config.get("train_batch_size_per_learner"),
                      "return_mean": (result.metrics or {}).get("env_runners", {}).get("episode_return_mean"),
@@ -90,12 +96,11 @@ def tune_ppo(cfg: PPOTuneConfig) -> list[dict]:
                      "error": type(result.error).__name__ if result.error else None})
     rows.sort(key=lambda r: -(r["return_mean"] if r["return_mean"] is not None else float("-inf")))
     columns = ["trial", "lr", "entropy_coeff", "train_batch_size", "return_mean", "iterations", "error"]
-    import csv
-
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    (out / "results.csv").write_text(buf.getvalue())
     (out / "results.md").write_text(f"# PPO sweep on {cfg.base.env}\n\n{markdown_table(rows, columns)}\n")
     best = rows[0]
     (out / "best.yaml").write_text(yaml.safe_dump({"ppo": {"lr": best["lr"], "entropy_coeff": best["entropy_coeff"],

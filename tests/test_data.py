@@ -6,6 +6,7 @@ import pytest
 from orchestration.data import (DataConfig, TokenWindows, WindowOrder, builtin_documents, load_corpus,
                                 lines_to_documents, prepare_data)
 from orchestration.errors import DataError
+from orchestration.storage import Location
 
 
 def test_builtin_corpus_is_offline_deterministic_and_split_without_overlap():
@@ -65,20 +66,30 @@ def test_unreachable_hub_says_how_to_use_a_local_copy(monkeypatch):
         load_corpus(DataConfig(source="wikitext2"))
 
 
-def test_shards_are_cached_uint16_and_round_trip(tmp_path):
+def test_shards_are_published_once_and_read_from_each_nodes_cache(tmp_path):
     cfg = DataConfig(source="builtin", tokenizer="bpe", vocab_size=512, cache_dir=str(tmp_path / "cache"),
                      max_documents=200)
-    first = prepare_data(cfg, tmp_path / "run")
-    mtime = (tmp_path / "cache").stat().st_mtime_ns, [np.load(p, mmap_mode="r").dtype for p in first.shard_paths.values()]
-    second = prepare_data(cfg, tmp_path / "run")
-    assert second.shard_paths == first.shard_paths and mtime[1] == [np.dtype(np.uint16)] * 2
-    windows = TokenWindows(first.train_path, 32)
+    run = Location(tmp_path / "run")
+    first = prepare_data(cfg, run)
+    published = (run / "data").listdir()
+    paths = first.shard_paths(cfg.cache_dir)
+    assert [np.load(p, mmap_mode="r").dtype for p in paths.values()] == [np.dtype(np.uint16)] * 2
+    written = {name: (run / "data" / published[0] / name).local_path.stat().st_mtime_ns
+               for name in ("train.npy", "manifest.json")}
+    second = prepare_data(cfg, run)  # the same corpus and tokenizer: nothing tokenized or published again
+    assert second == first and (run / "data").listdir() == published == [first.bundle.digest]
+    assert written == {name: (run / "data" / published[0] / name).local_path.stat().st_mtime_ns for name in written}
+    # a node that has never seen the data (an empty cache) copies the published bundle and reads the same tokens
+    other = first.shard_paths(str(tmp_path / "other-node-cache"))
+    assert other["train"] != paths["train"] and (np.load(other["train"]) == np.load(paths["train"])).all()
+    windows = TokenWindows(other["train"], 32)
     x_BT, y_BT = windows.batch(np.array([0, 3]))
     assert x_BT.shape == (2, 32) and (x_BT[:, 1:] == y_BT[:, :-1]).all()
     from orchestration.tokenizers import load_tokenizer
 
     tok = load_tokenizer(tmp_path / "run")
-    text = tok.decode(np.load(first.train_path)[:200].tolist())
+    assert first.tokenizer_json(cfg.cache_dir) == tok.to_json()
+    text = tok.decode(np.load(paths["train"])[:200].tolist())
     assert len(text) > 100
 
 

@@ -8,7 +8,8 @@ from orchestration.checkpoint import find_checkpoint, load_training_checkpoint
 from orchestration.cli import main
 from orchestration.config import load_config
 from orchestration.errors import CheckpointError, ConfigError
-from orchestration.pretrain import PretrainConfig, pretrain, read_metrics
+from orchestration.pretrain import PretrainConfig, pretrain
+from orchestration.storage import read_metrics
 
 WORKERS, BATCH, SEQ = 2, 8, 32
 SAMPLES_PER_STEP = WORKERS * BATCH
@@ -113,7 +114,7 @@ def test_bad_inputs_give_clear_errors(uninterrupted, tmp_path, shard_cache, caps
     with pytest.raises(CheckpointError, match="model_overrides.*same settings, or a new --output"):
         pretrain(small(out, shard_cache, "max_steps=30", "model_overrides.n_layers=3"))
     # a corrupt checkpoint is named as such
-    ckpt = find_checkpoint(out)
+    ckpt = find_checkpoint(out).local_path
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in ckpt.iterdir():

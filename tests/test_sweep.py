@@ -10,7 +10,8 @@ import pytest
 
 from orchestration.config import load_config
 from orchestration.errors import ConfigError
-from orchestration.pretrain import PretrainConfig, read_metrics
+from orchestration.pretrain import PretrainConfig
+from orchestration.storage import read_metrics
 from orchestration.sweep import SweepConfig, _scheduler, planned_trials, sweep, trial_config, tune_space
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "pretrain-lr.yaml"

@@ -113,18 +113,17 @@ def load_env_engine(cfg: MetaEnvConfig, semantic_memory) -> HMSTEngine:
 
     torch.manual_seed(cfg.seed)
     if cfg.checkpoint:
-        from models.io import load_model
-        from orchestration.checkpoint import find_checkpoint
-        from orchestration.tokenizers import load_tokenizer
+        from orchestration.checkpoint import load_lm
 
-        ckpt = find_checkpoint(cfg.checkpoint)
-        model, tokenizer = load_model(ckpt), load_tokenizer(ckpt)
+        model, tokenizer, _ = load_lm(cfg.checkpoint)
     else:
         model, tokenizer = build_model("hmst-micro", vocab_size=256).eval(), ByteTokenizer()
     if cfg.critic:
         from models.hmst.training import load_critic
+        from orchestration.storage import Location, local_copy
 
-        critic = load_critic(cfg.critic)
+        with local_copy(Location(cfg.critic), verify=False) as path:
+            critic = load_critic(path)
     else:
         critic = Critic(CriticConfig(vocab_size=model.cfg.vocab_size, d_model=64, n_layers=1, n_heads=2, d_ff=128,
                                      max_seq_len=256, dropout=0.0))
@@ -136,12 +135,12 @@ def load_env_engine(cfg: MetaEnvConfig, semantic_memory) -> HMSTEngine:
 def n_experts_of(cfg: MetaEnvConfig) -> int:
     if not cfg.checkpoint:
         return 4  # hmst-micro
-    from models.io import read_model_spec
+    from models.io import CONFIG_FILE
     from models.registry import model_config
     from orchestration.checkpoint import find_checkpoint
 
-    name, fields = read_model_spec(find_checkpoint(cfg.checkpoint))
-    return model_config(name, **fields).n_experts
+    spec = (find_checkpoint(cfg.checkpoint) / CONFIG_FILE).read_json()
+    return model_config(spec["name"], **spec["config"]).n_experts
 
 
 class MetaControllerEnv(gym.Env):

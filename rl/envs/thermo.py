@@ -23,12 +23,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import yaml
 
 from orchestration.config import load_config
 from orchestration.continual import ContinualConfig, ContinualRunner
@@ -210,16 +208,17 @@ class LearnedThermoController:
 
 def learned_controller_resolver(spec: str) -> LearnedThermoController | None:
     """``--controller PATH`` of a ``memtrain rl train thermo`` run (or its policy/ directory); else None."""
-    from rl.policy import LearnedPolicy
+    from orchestration.storage import Location
+    from rl.policy import POLICY_SPEC, LearnedPolicy
 
-    path = Path(spec).expanduser()
-    policy_dir = path / "policy" if (path / "policy" / "policy.json").is_file() else path
-    if not (policy_dir / "policy.json").is_file():
+    path = Location(spec)
+    policy_dir = path / "policy" if (path / "policy" / POLICY_SPEC).is_file() else path
+    if not (policy_dir / POLICY_SPEC).is_file():
         return None
     policy = LearnedPolicy.load(policy_dir)
     if policy.env_name != "thermo":
         raise RLError(f"{policy_dir} holds a policy for env {policy.env_name!r}; the continual runner needs a thermo one")
     run_config = policy_dir.parent / "config.yaml"
-    env_config = (yaml.safe_load(run_config.read_text()) or {}).get("env_config", {}) if run_config.is_file() else {}
+    env_config = (run_config.read_yaml() or {}).get("env_config", {}) if run_config.is_file() else {}
     env_config = {k: v for k, v in env_config.items() if k != "continual"}
     return LearnedThermoController(policy, ThermoEnvConfig(**env_config))
