@@ -44,7 +44,7 @@ from orchestration.data import DataConfig, PreparedData, TokenWindows, WindowOrd
 from orchestration.errors import CheckpointError, DataError
 from orchestration.flops import measure_matmul_peak
 from orchestration.storage import (CHECKPOINTS, METRICS_FILE, Location, MetricsLog, TensorBoardLog, latest_checkpoint,
-                                   local_copy, ray_storage, read_metrics, require_shared)
+                                   ray_storage, read_metrics, require_shared)
 
 log = logging.getLogger(__name__)
 
@@ -193,33 +193,47 @@ def evaluate(model, windows: TokenWindows, cfg: PretrainConfig, rank: int, world
     return loss_sum / max(count, 1)
 
 
+def _starting_checkpoint(cfg: PretrainConfig, rank: int, world: int) -> tuple[str, bool]:
+    """(URI of the checkpoint to start from, whether it is the run's own), or ("", False) for a fresh start.
+
+    The run's own newest complete checkpoint in storage comes first (a resume, a restart after a lost worker),
+    then ``init_checkpoint``. Storage is the record rather than Ray Train's own: a node that dies after uploading
+    a checkpoint but before Ray Train registered it leaves a complete checkpoint only storage knows about. Rank 0
+    decides and the others follow, so every rank starts from the same one.
+    """
+    choice = [("", False)]
+    if rank == 0:
+        own = latest_checkpoint(Location(cfg.output), CHECKPOINT_PREFIX)
+        choice = [(own.location.uri, True) if own else (cfg.init_checkpoint, False)]
+    if world > 1:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
 def _load_starting_point(cfg: PretrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                         rank: int) -> TrainerState:
-    """Load the run's own newest checkpoint (a resume, restart or failure recovery) or, in a new run,
-    ``init_checkpoint`` into model and optimizer; returns the trainer state to continue from."""
+                         rank: int, world: int) -> TrainerState:
+    """Load the checkpoint ``_starting_checkpoint`` picks into model and optimizer; returns the trainer state to
+    continue from."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and not cfg.init_checkpoint:
+    uri, own = _starting_checkpoint(cfg, rank, world)
+    if not uri:
         return TrainerState()
-    with contextlib.ExitStack() as stack:
-        if checkpoint is not None:  # Ray Train downloads it from the run's storage (to this node's disk)
-            start_dir = stack.enter_context(checkpoint.as_directory())
-        else:
-            start_dir = stack.enter_context(local_copy(Location(cfg.init_checkpoint), verify=False))
+    where = Location(uri)
+    # Ray Train's Checkpoint downloads a remote one once per node (the node's ranks share the copy)
+    with ray.train.Checkpoint(path=where.fs_path, filesystem=where.fs).as_directory() as start_dir:
         state = load_training_checkpoint(start_dir, model)
         try:
             load_optimizer_state(start_dir, optimizer)
         except CheckpointError:
-            if checkpoint is not None:
+            if own:
                 raise
             if rank == 0:
-                print(f"the optimizer state in {cfg.init_checkpoint} cannot be loaded; the optimizer starts fresh",
-                      flush=True)
+                print(f"the optimizer state in {uri} cannot be loaded; the optimizer starts fresh", flush=True)
         apply_hyperparameters(optimizer, cfg)
     if rank == 0:
-        origin = "resumed from" if checkpoint is not None else f"initialised from {cfg.init_checkpoint} at"
-        print(f"{origin} step {state.step} (data position {state.samples:,} windows)", flush=True)
+        origin = f"resumed from step {state.step} ({uri}" if own else f"initialised from {uri} at step {state.step} ("
+        print(f"{origin}, data position {state.samples:,} windows)", flush=True)
     return state
 
 
@@ -251,7 +265,7 @@ def train_worker(loop_config: dict) -> None:
     # for the foreach implementation
     optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), fused=True)
-    state = _load_starting_point(cfg, raw_model, optimizer, rank)
+    state = _load_starting_point(cfg, raw_model, optimizer, rank, world)
     model = ray.train.torch.prepare_model(model)  # moves to device; DDP when world > 1
     resumed_from = state.step
 
