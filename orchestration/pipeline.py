@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,8 +145,9 @@ def _stage_sample(cfg: PipelineConfig, checkpoint: str) -> str:
 
 
 def _memory_path(out: Location, name: str) -> str:
-    """Where the memory actor keeps its data: the pipeline folder when it is a path, else the actor's node."""
-    return (out / "memory").uri if out.is_local else f"~/.cache/memtrain/memory/{name}"
+    """Where the memory actor keeps its data: the pipeline folder when it is a path; with a URI output the memory's
+    own default, ~/.cache/memtrain/memory/<name> (as memtrain hmst and the meta env use)."""
+    return (out / "memory").uri if out.is_local else os.path.expanduser(f"~/.cache/memtrain/memory/{name}")
 
 
 def _stage_memory(cfg: PipelineConfig, out: Location, checkpoint: str) -> dict:
