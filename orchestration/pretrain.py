@@ -290,6 +290,7 @@ def train_worker(loop_config: dict) -> None:
         nonlocal resumed_from
         if resumed_from is not None:  # the first report of this (re)start: the metrics sink drops later rows
             metrics["resumed_from"], resumed_from = resumed_from, None
+        metrics["time"] = round(time.time(), 3)  # wall clock of the report on the workers (before its upload)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
     def done() -> bool:
@@ -396,7 +397,6 @@ def _make_metrics_sink(run: Location):
                     self.log.keep(lambda r: resumed_from and r["step"] <= resumed_from)
             if checkpoint is not None:
                 row["checkpoint"] = (self.run / CHECKPOINTS / Path(checkpoint.path).name).uri
-            row["time"] = round(time.time(), 3)  # wall clock when the report (and its checkpoint) was done
             self.log.append(row)
             if self.tb is None:
                 self.tb = TensorBoardLog(self.run / "tensorboard")
@@ -471,6 +471,10 @@ def make_trainer(cfg: PretrainConfig, data: PreparedData, run: Location, callbac
 
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+    # A worker's report waits until the Train controller has taken the previous one, and the controller looks
+    # every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s): reports closer together than that stall
+    # training. Ray Train passes the driver's value on to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     return TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg, "data": data},

@@ -56,6 +56,9 @@ def test_local_writes_replace_atomically_and_leave_no_temporary_files(tmp_path):
     for i in range(5):
         target.write_text(f"value: {i}\n")
     assert target.read_text() == "value: 4\n" and os.listdir(tmp_path) == ["config.yaml"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(target.uri).st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not mkstemp's 0600
 
 
 def test_upload_and_download_folders(root, tmp_path):

@@ -79,18 +79,31 @@ def _move_into_place(tmp: Path, folder: Path) -> None:
         os.close(fd)
 
 
-def build_bundle(cache_dir: str | os.PathLike, digest: str, build: Callable[[Path], object]) -> Path:
-    """The bundle ``<cache_dir>/<digest>`` on this node, made by ``build(folder)`` (which writes the files) unless
-    it is there already; once per node, under a lock."""
+def _once_per_node(cache_dir: str | os.PathLike, digest: str, make: Callable[[Path], None]) -> Path:
+    """The complete folder ``<cache_dir>/<digest>`` of this node: there already, or made by ``make(tmp)`` in a
+    temporary folder renamed into place, by one process of the node at a time."""
     cache = _cache(cache_dir)
     folder = cache / digest
     if _is_complete_local(folder):
         return folder
     with _node_lock(cache / f"{digest}.lock"):
-        if _is_complete_local(folder):
+        if _is_complete_local(folder):  # another process of this node made it while we waited
             return folder
         tmp = cache / f".{digest}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            make(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _move_into_place(tmp, folder)
+    return folder
+
+
+def build_bundle(cache_dir: str | os.PathLike, digest: str, build: Callable[[Path], object]) -> Path:
+    """The bundle ``<cache_dir>/<digest>`` on this node, made by ``build(folder)`` (which writes the files) unless
+    it is there already; once per node, under a lock."""
+    def make(tmp: Path) -> None:
         tmp.mkdir()
         build(tmp)
         for path in tmp.rglob("*"):
@@ -98,8 +111,8 @@ def build_bundle(cache_dir: str | os.PathLike, digest: str, build: Callable[[Pat
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
         write_manifest(tmp)
-        _move_into_place(tmp, folder)
-    return folder
+
+    return _once_per_node(cache_dir, digest, make)
 
 
 def publish_bundle(folder: str | os.PathLike, target: Location) -> BundleRef:
@@ -114,25 +127,16 @@ def publish_bundle(folder: str | os.PathLike, target: Location) -> BundleRef:
 def fetch_bundle(ref: BundleRef, cache_dir: str | os.PathLike) -> Path:
     """The local folder of a published bundle on this node: ``<cache_dir>/<digest>``, downloaded and checked
     once per node."""
-    cache = _cache(cache_dir)
-    folder = cache / ref.digest
-    if _is_complete_local(folder):
-        return folder
-    with _node_lock(cache / f"{ref.digest}.lock"):
-        if _is_complete_local(folder):
-            return folder
-        tmp = cache / f".{ref.digest}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+    def download(tmp: Path) -> None:
         try:
             Location(ref.uri).download(tmp)
         except FileNotFoundError:
             raise StorageError(f"the data bundle {ref.uri} does not exist (deleted, or published to storage this "
                                "node cannot see); run the command again to publish it") from None
-        manifest_path = tmp / MANIFEST
-        bad = damaged_files(tmp, json.loads(manifest_path.read_text())) if manifest_path.is_file() else [MANIFEST]
+        manifest = tmp / MANIFEST
+        bad = damaged_files(tmp, json.loads(manifest.read_text())) if manifest.is_file() else [MANIFEST]
         if bad:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise StorageError(f"the data bundle {ref.uri} is damaged or incomplete ({', '.join(bad)}); run the "
                                "command again to publish it afresh")
-        _move_into_place(tmp, folder)
-    return folder
+
+    return _once_per_node(cache_dir, ref.digest, download)

@@ -114,12 +114,19 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+# the process's umask, read once (reading it means setting it): files written through a temporary file get the
+# permissions a plain open() would give them, not mkstemp's owner-only 0600
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def _write_local(path: str, data: bytes) -> None:
     """Durable atomic replace: a reader or a crash (power loss included) sees the old file or the new one."""
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
