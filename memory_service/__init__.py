@@ -13,6 +13,12 @@ For the shared service, ``get_or_create_memory("semantic", MemoryConfig(dim=...,
 with the same methods (see memory_service.actor).
 """
 
+try:
+    import faiss  # noqa: F401
+except ImportError as exc:  # the base install brings no FAISS: its CPU and GPU wheels exclude each other
+    raise ImportError("memtrain's semantic memory needs FAISS: pip install -e '.[cpu]' (or '.[gpu]' on a GPU "
+                      "machine, after a CUDA build of torch)") from exc
+
 from memory_service.actor import MemoryClient, PendingSearch, get_or_create_memory
 from memory_service.config import MemoryConfig
 from memory_service.errors import MemoryServiceError

@@ -5,7 +5,7 @@ Wire it into a CLI with ``register(parser.add_subparsers())``; every subcommand 
 Example (shell)::
 
     ray start --head                                   # a cluster that outlives the command
-    memtrain memory serve --name semantic path=runs/semantic dim=128 index=ivf metric=cosine
+    memtrain memory serve --name semantic path=semantic dim=128 index=ivf metric=cosine backup=s3://bucket/memories/semantic
     memtrain memory stats --name semantic
     memtrain memory search --name semantic --queries q.npy --k 5
     memtrain memory snapshot --name semantic
@@ -43,7 +43,9 @@ def register(subparsers) -> None:
     serve = add("serve", "start the named memory, or attach to it if it runs, and print its stats", _serve)
     serve.add_argument("--config", help="YAML file of MemoryConfig fields")
     serve.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="MemoryConfig fields, e.g. path=runs/semantic dim=128 index=ivf metric=cosine capacity=1000000")
+                       help="MemoryConfig fields, e.g. path=semantic dim=128 index=ivf metric=cosine capacity=1000000 "
+                            "backup=s3://bucket/memories/semantic (a relative path is under the memory root of the "
+                            "actor's node, MEMTRAIN_MEMORY_ROOT, default ~/.cache/memtrain/memory)")
     add("stats", "print the memory's stats as JSON", _stats)
     add("snapshot", "write a snapshot now (bounds recovery time) and print where it stands", _snapshot)
     search = add("search", "search the memory with query vectors and print the hits as JSON", _search)
@@ -95,7 +97,8 @@ def _print(obj) -> None:
 def _serve(args) -> int:
     config = load_config(args.config, args.overrides)
     if config.path is None:
-        raise MemoryServiceError("serve needs a directory for the memory's data: add path=DIR (e.g. path=runs/semantic)")
+        raise MemoryServiceError("serve needs a folder for the memory's data on the actor's node: add path=NAME (under "
+                                 "that node's memory root) or path=/absolute/folder")
     local_cluster = _connect(args.namespace, allow_local=True)
     mem = get_or_create_memory(args.name, config, namespace=args.namespace)
     _print({"name": args.name, "namespace": args.namespace, **mem.stats()})

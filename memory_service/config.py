@@ -38,7 +38,14 @@ class MemoryConfig:
     eviction: str = "oldest"
     """Which entries make room at capacity: 'oldest' (smallest id first) or 'lru' (least recently retrieved by a search, then oldest)."""
     path: str | None = None
-    """Directory holding the store, the write-ahead log and snapshots. None keeps an ephemeral memory in a private temp dir that close() deletes."""
+    """Directory holding the store, the write-ahead log and snapshots, on the disk of the node that serves the memory.
+    None keeps an ephemeral memory in a private temp dir that close() deletes. The shared actor resolves a relative
+    path on its own node, under MEMTRAIN_MEMORY_ROOT (default ~/.cache/memtrain/memory), never in the caller's
+    working directory."""
+    backup: str = ""
+    """Shared storage every acknowledged write also reaches before it is acknowledged, and snapshots are copied to: a
+    URI (s3://bucket/memories/semantic, gs://...) or a folder every node mounts. A memory whose path holds no store
+    (its node was lost, the actor restarted on another node) restores itself from there. "" = the path's disk only."""
     nlist: int = 0
     """IVF lists. 0 derives it from the size (about sqrt(n), never under 39 training vectors per list) and retrains when the size quadruples."""
     nprobe: int = 16
@@ -56,17 +63,35 @@ class MemoryConfig:
     fsync: bool = True
     """fsync every acknowledged write (survives power loss). False still survives a killed process, since the log reaches the OS first."""
     faiss_threads: int = 0
-    """OpenMP threads FAISS uses for search and add. 0 keeps the process default (Ray actors default to 1 per CPU reserved)."""
+    """OpenMP threads FAISS uses for search and add. 0 keeps the process default (in a Ray actor: num_cpus, at least 1)."""
     gpu: str = "auto"
     """'auto' uses a GPU index when faiss has GPU support and a GPU is present, 'never' stays on CPU, 'always' errors without a GPU."""
-    num_cpus: float = 1.0
-    """CPUs the Ray actor reserves (it also sets faiss_threads when that is 0)."""
+    num_cpus: float = 0.0
+    """CPUs the Ray actor reserves (when faiss_threads is 0, FAISS uses as many threads, at least 1). 0 lets it live on
+    a head node that has no CPUs for training, as the cluster YAMLs' heads."""
+    num_gpus: float = 0.0
+    """GPUs the Ray actor reserves; with one, gpu='auto' builds a FAISS GPU index (flat and IVF)."""
+    resource: str = "memory_host"
+    """Custom Ray resource the actor asks for, which places it on the node the cluster reserves for memories (the
+    cluster YAMLs give their head memory_host: 1). When no node of the cluster offers it (one machine), the actor is
+    placed without it. "" = no custom resource."""
+    resource_amount: float = 0.01
+    """How much of `resource` each memory actor takes (0.01: a hundred memories fit a node's memory_host: 1)."""
     max_concurrency: int = 8
     """Concurrent calls the Ray actor runs on threads; searches overlap, writes take a single-writer lock."""
     max_restarts: int = -1
     """How many times Ray restarts a crashed actor (it reloads snapshot + log); -1 means without limit."""
     call_timeout_s: float = 60.0
-    """How long a client keeps retrying a read (search, stats) while the actor restarts before it gives up."""
+    """How long a client waits for one call, restarts of the actor included, before it gives up with an error (a hung
+    actor never blocks a caller for longer)."""
+    max_k: int = 1024
+    """Largest k a search may ask for (FAISS allocates queries x k results)."""
+    max_batch: int = 65_536
+    """Most vectors one add, or queries one search, may carry."""
+    max_text_bytes: int = 65_536
+    """Longest text of one entry, in UTF-8 bytes."""
+    max_metadata_bytes: int = 65_536
+    """Longest metadata of one entry, as JSON bytes."""
 
     def __post_init__(self) -> None:
         def refuse(field: str, value: object, fix: str) -> None:
@@ -81,7 +106,8 @@ class MemoryConfig:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 refuse(field, value, "use an int >= 0")
-        for field in ("nprobe", "hnsw_m", "hnsw_ef_search", "hnsw_ef_construction", "max_concurrency"):
+        for field in ("nprobe", "hnsw_m", "hnsw_ef_search", "hnsw_ef_construction", "max_concurrency", "max_k",
+                      "max_batch", "max_text_bytes", "max_metadata_bytes"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 refuse(field, value, "use an int >= 1")
@@ -89,8 +115,13 @@ class MemoryConfig:
             refuse("hnsw_rebuild_fraction", self.hnsw_rebuild_fraction, "use a fraction in (0, 1]")
         if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < -1:
             refuse("max_restarts", self.max_restarts, "use -1 (unlimited) or an int >= 0")
-        if self.num_cpus < 0 or self.call_timeout_s <= 0:
-            refuse("num_cpus/call_timeout_s", (self.num_cpus, self.call_timeout_s), "use num_cpus >= 0 and call_timeout_s > 0")
+        for field in ("num_cpus", "num_gpus", "resource_amount"):
+            if getattr(self, field) < 0:
+                refuse(field, getattr(self, field), "use a number >= 0")
+        if self.call_timeout_s <= 0:
+            refuse("call_timeout_s", self.call_timeout_s, "use a number of seconds > 0")
+        if self.backup and self.path is None:
+            refuse("backup", self.backup, "a backed-up memory needs a path too (where it works between backups)")
         if self.path is not None and not isinstance(self.path, str):
             self.path = str(self.path)  # accept pathlib.Path; stored as str so the config stays JSON-able
 

@@ -6,8 +6,10 @@ thread-safe for mutation; LocalMemory serialises add/remove and lets searches sh
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 
 import faiss
 import numpy as np
@@ -53,6 +55,9 @@ class VectorIndex:
         # HNSW has no GPU implementation in faiss; flat and IVF move to the GPU when one is present.
         self._use_gpu = config.gpu != "never" and config.index != "hnsw" and gpu_available()
         self._gpu_resources = faiss.StandardGpuResources() if self._use_gpu else None
+        # FAISS GPU indexes (and the StandardGpuResources they share) are not safe for concurrent searches: one at a
+        # time on the GPU (where each search is short anyway); CPU indexes search in parallel
+        self._gpu_lock = threading.Lock() if self._use_gpu else contextlib.nullcontext()
         self._tombstones_T = np.empty(0, dtype=np.int64)  # HNSW only: removed ids still in the graph
         self._tombstone_batch = self._tombstone_selector = None
         self._install(cpu_index if cpu_index is not None else self._empty_base())
@@ -150,7 +155,8 @@ class VectorIndex:
             params = faiss.SearchParametersHNSW(sel=self._tombstone_selector, efSearch=self.config.hnsw_ef_search)
             scores_QK, ids_QK = self._index.search(queries_QD, k, params=params)
         else:
-            scores_QK, ids_QK = self._index.search(queries_QD, k)
+            with self._gpu_lock:
+                scores_QK, ids_QK = self._index.search(queries_QD, k)
         return scores_QK, ids_QK
 
     def ids(self) -> np.ndarray:

@@ -8,10 +8,16 @@ mutate during a search).
 
 Directory layout under `config.path`::
 
-    store.sqlite              entries (id, text, metadata JSON), write-ahead log, counters, config
+    store.sqlite              entries (id, text, metadata JSON), write-ahead log, counters, config, idempotency keys
     snapshots/index-SEQ.faiss FAISS index covering the log up to SEQ (written to .tmp, fsynced, renamed)
     snapshots/lru-SEQ.npy     last-retrieved tick per id at that snapshot (for eviction='lru')
     LOCK                      flock held while a process has the memory open
+
+With `config.backup` (memory_service.backup), every write also reaches the shared backup before it is
+acknowledged, snapshots are copied there, and a path that holds no store (or an older one) is rebuilt from it.
+What an acknowledgement guarantees: when add() or remove() returns, the write is in the local store (fsynced when
+`fsync`) and, with a backup, in the backup too; a memory reopened anywhere (the same path, or any node's path
+with the same backup) holds it.
 """
 
 from __future__ import annotations
@@ -32,11 +38,12 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
+from memory_service.backup import SharedBackup
 from memory_service.config import STRUCTURAL_FIELDS, MemoryConfig
 from memory_service.errors import MemoryServiceError
 from memory_service.index import VectorIndex
-from memory_service.store import Store, object_array
-from memory_service.validation import check_ids, check_k, check_metadata, check_texts, check_vectors
+from memory_service.store import LogRecord, Store, object_array
+from memory_service.validation import check_ids, check_k, check_key, check_metadata, check_texts, check_vectors
 
 
 # Searches with fewer queries than this run FAISS on one thread.
@@ -184,11 +191,26 @@ class LocalMemory:
         self._counter_lock = threading.Lock()
         self._closed = True
         self._faiss_threads = config.faiss_threads or faiss.omp_get_max_threads()
+        self._backup = SharedBackup(config.backup) if config.backup else None
+        self._backed_up_seq = 0  # the newest log record the backup holds (as a record or inside its snapshot)
+        self._restored: dict | None = None  # what the last open rebuilt from the backup
+        self._backup_is_new = False
         os.makedirs(os.path.join(self.directory, "snapshots"), exist_ok=True)
         self._lock_file = self._take_directory_lock()
         try:
+            self._restore_from_backup()
             self._open()
+            if self._backup_is_new and self._snapshot_seq:
+                # a memory given a backup later: its log no longer holds what its snapshot covers
+                with self._writer:
+                    if self._store.last_seq() != self._snapshot_seq:
+                        self._snapshot_locked()
+                    else:
+                        self._backup_snapshot(self._snapshot_seq)
+            self._sync_backup()  # writes a crash left in the local store only
         except BaseException:
+            if not self._closed:
+                self._store.close()
             self._lock_file.close()
             raise
 
@@ -250,6 +272,95 @@ class LocalMemory:
         self._closed = False
         self._recovery = {"seconds": time.perf_counter() - started, "replayed_vectors": replayed}
 
+    def _restore_from_backup(self) -> None:
+        """Make the local store at least as new as the backup: keep it when it is, else rebuild it from the backup's
+        snapshot and log (a new node, a lost disk, a stale copy). A new backup gets the memory's config."""
+        if self._backup is None:
+            return
+        backup = self._backup
+        structure = {f: getattr(self.config, f) for f in STRUCTURAL_FIELDS}
+        born = backup.get_json("memory.json")
+        pointer = backup.get_json("snapshot.json")
+        log_seqs = [int(name.split(".")[0]) for name in backup.names("log")]
+        if born is None:
+            if pointer or log_seqs:
+                raise MemoryServiceError(f"the memory backup {backup.where} holds a log or snapshot but no memory.json; "
+                                         "it is damaged or not a memtrain memory backup")
+            backup.put("memory.json", json.dumps({"config": structure}).encode())
+            self._backup_is_new = True  # an existing local store is copied there whole once it is open
+            return
+        if born["config"] != structure:
+            raise MemoryServiceError(f"the memory backup {backup.where} belongs to a memory with config {born['config']}, "
+                                     f"not {structure}; use the same structural settings or another backup")
+        snapshot_seq = pointer["seq"] if pointer else 0
+        self._backed_up_seq = max([snapshot_seq, *log_seqs])
+        db_path = os.path.join(self.directory, "store.sqlite")
+        local_last = 0
+        if os.path.exists(db_path):
+            store = Store(db_path, fsync=False)
+            local_last = max(store.last_seq(), store.counters()["snapshot_seq"])
+            store.close()
+        if local_last >= self._backed_up_seq:
+            return  # the local store holds all the backup does (and maybe writes not yet sent there)
+        started = time.perf_counter()
+        for name in ("store.sqlite", "store.sqlite-wal", "store.sqlite-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.directory, name))
+        for file in glob.glob(os.path.join(self.directory, "snapshots", "*")):
+            os.remove(file)
+        if pointer:
+            folder = f"snapshots/{snapshot_seq:012d}"
+            backup.get_file(f"{folder}/store.sqlite", db_path)
+            backup.get_file(f"{folder}/index.faiss", self._snapshot_file("index", snapshot_seq))
+            if "lru.npy" in pointer["files"]:
+                backup.get_file(f"{folder}/lru.npy", self._snapshot_file("lru", snapshot_seq))
+            sizes = {name: os.path.getsize(path) for name, path in (
+                ("store.sqlite", db_path), ("index.faiss", self._snapshot_file("index", snapshot_seq)))}
+            if any(pointer["files"][name] != size for name, size in sizes.items()):
+                raise MemoryServiceError(f"the snapshot {snapshot_seq} in the memory backup {backup.where} is "
+                                         f"incomplete ({sizes} against {pointer['files']})")
+        store = Store(db_path, fsync=self.config.fsync)
+        try:
+            for seq in sorted(s for s in log_seqs if s > snapshot_seq):
+                store.apply(LogRecord.decode(backup.get(f"log/{seq:012d}.rec")))
+        finally:
+            store.close()
+        self._restored = {"from_backup": backup.where, "snapshot_seq": snapshot_seq,
+                          "log_records": sum(s > snapshot_seq for s in log_seqs),
+                          "seconds": round(time.perf_counter() - started, 3)}
+
+    def _sync_backup(self) -> None:
+        """Send the backup every log record it lacks (the caller holds the writer lock, or is opening the memory)."""
+        if self._backup is None:
+            return
+        for record in self._store.records_since(self._backed_up_seq, self.config.dim):
+            try:
+                self._backup.put(f"log/{record.seq:012d}.rec", record.encode())
+            except MemoryServiceError as exc:
+                raise MemoryServiceError(f"{exc}. The write is in the local store but not in the shared backup, so it "
+                                         "is not acknowledged; retry it (an add with the same key returns the same "
+                                         "ids) once the backup is reachable") from None
+            self._backed_up_seq = record.seq
+
+    def _backup_snapshot(self, seq: int) -> None:
+        """Copy the snapshot at ``seq`` to the backup, point snapshot.json at it, then drop what it covers there. A
+        failure leaves the backup's log whole (it was synced before the local log was truncated)."""
+        backup = self._backup
+        folder = f"snapshots/{seq:012d}"
+        with tempfile.TemporaryDirectory(prefix="memtrain-memory-snapshot-") as tmp:
+            db_copy = os.path.join(tmp, "store.sqlite")
+            self._store.copy_to(db_copy)
+            files = {"store.sqlite": db_copy, "index.faiss": self._snapshot_file("index", seq),
+                     "lru.npy": self._snapshot_file("lru", seq)}
+            for name, path in files.items():
+                backup.put_file(f"{folder}/{name}", path)
+            backup.put("snapshot.json", json.dumps({"seq": seq, "files": {
+                name: os.path.getsize(path) for name, path in files.items()}}).encode())
+        backup.delete([f"log/{name}" for name in backup.names("log") if int(name.split(".")[0]) <= seq])
+        for name in backup.names("snapshots", folders=True):
+            if name != f"{seq:012d}":
+                backup.delete_folder(f"snapshots/{name}")
+
     def _snapshot_file(self, kind: str, seq: int) -> str:
         suffix = "faiss" if kind == "index" else "npy"
         return os.path.join(self.directory, "snapshots", f"{kind}-{seq:012d}.{suffix}")
@@ -262,41 +373,60 @@ class LocalMemory:
                 os.remove(file)
 
     # ----- writes -------------------------------------------------------------------------------------
-    def add(self, vectors_ND: np.ndarray, texts: list[str], metadata: list[dict | None] | None = None) -> np.ndarray:
+    def add(self, vectors_ND: np.ndarray, texts: list[str], metadata: list[dict | None] | None = None,
+            key: str | None = None) -> np.ndarray:
         """Store vectors with their texts (and optional JSON-able metadata dicts); returns their new int64 ids.
 
-        Durable when it returns: the write-ahead log holds the batch. At capacity, the oldest (or least recently
-        retrieved) entries are evicted first, in the same atomic write.
+        Durable when it returns: the write-ahead log holds the batch (and, with a backup, the backup does too). At
+        capacity, the oldest (or least recently retrieved) entries are evicted first, in the same atomic write.
+        ``key`` makes the add idempotent: an add again with a key already applied changes nothing and returns the
+        ids of the first (so a caller may retry an add whose answer it lost).
         """
-        vectors_ND = check_vectors(vectors_ND, self.config.dim, "vectors", self.config.metric == "cosine")
+        c = self.config
+        vectors_ND = check_vectors(vectors_ND, c.dim, "vectors", c.metric == "cosine", c.max_batch)
         n = vectors_ND.shape[0]
-        texts = check_texts(texts, n)
-        metas = check_metadata(metadata, n)
-        capacity = self.config.capacity
+        texts = check_texts(texts, n, c.max_text_bytes)
+        metas = check_metadata(metadata, n, c.max_metadata_bytes)
+        key = check_key(key)
+        capacity = c.capacity
         if capacity and n > capacity:
             raise MemoryServiceError(f"a batch of {n} vectors is larger than the capacity {capacity}; split it or raise "
                                      "MemoryConfig.capacity")
         with self._writer:
             self._check_open()
+            done = self._store.applied(key) if key is not None else None
+            if done is not None:
+                first, n_done = done
+                if n_done != n:
+                    raise MemoryServiceError(f"the idempotency key {key!r} was used for an add of {n_done} vectors, not "
+                                             f"{n}; use a new key for a different batch")
+                self._sync_backup()
+                return np.arange(first, first + n, dtype=np.int64)
             faiss.omp_set_num_threads(self._faiss_threads)  # per calling thread, see search()
             victims_V = self._pick_victims(self._count + n - capacity) if capacity else np.empty(0, np.int64)
             ids_N = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-            counters = {"next_id": self._next_id + n, "evicted_total": self._evicted_total + victims_V.size}
+            counters = self._counters(next_id=self._next_id + n, evicted_total=self._evicted_total + victims_V.size)
             if victims_V.size:
                 # Deleting rows a concurrent search may be about to read: commit and apply under the index lock.
                 with self._rw.write():
-                    self._store.write_add(ids_N, texts, metas, vectors_ND, victims_V, counters)
+                    self._store.write_add(ids_N, texts, metas, vectors_ND, victims_V, counters, key)
                     self._apply_add(ids_N, vectors_ND, victims_V)
             else:
                 # New rows are invisible until FAISS holds their ids, so searches keep running during the commit.
-                self._store.write_add(ids_N, texts, metas, vectors_ND, victims_V, counters)
+                self._store.write_add(ids_N, texts, metas, vectors_ND, victims_V, counters, key)
                 with self._rw.write():
                     self._apply_add(ids_N, vectors_ND, victims_V)
             self._next_id += n
             self._evicted_total += int(victims_V.size)
             self._logged_vectors += n
+            self._sync_backup()
             self._maybe_auto_snapshot()
         return ids_N
+
+    def _counters(self, **changes: int) -> dict[str, int]:
+        """Every counter of the store as it stands, with ``changes`` (what a write records in its log record)."""
+        return {"next_id": self._next_id, "snapshot_seq": self._snapshot_seq, "evicted_total": self._evicted_total,
+                "removed_total": self._removed_total, **{k: int(v) for k, v in changes.items()}}
 
     def _apply_add(self, ids_N: np.ndarray, vectors_ND: np.ndarray, victims_V: np.ndarray) -> None:
         if victims_V.size:
@@ -324,7 +454,7 @@ class LocalMemory:
 
     def remove(self, ids: np.ndarray | list[int]) -> int:
         """Delete entries by id; refuses (and removes nothing) if any id is unknown or already removed."""
-        ids_N = check_ids(ids)
+        ids_N = check_ids(ids, self.config.max_batch)
         with self._writer:
             self._check_open()
             in_range_N = (ids_N >= 0) & (ids_N < self._next_id)
@@ -335,11 +465,12 @@ class LocalMemory:
                 raise MemoryServiceError(f"unknown id(s) {unknown[:10].tolist()}{' ...' if unknown.size > 10 else ''}: "
                                          "never added, or already removed or evicted; nothing was removed")
             with self._rw.write():
-                self._store.write_remove(ids_N, {"removed_total": self._removed_total + ids_N.size})
+                self._store.write_remove(ids_N, self._counters(removed_total=self._removed_total + ids_N.size))
                 self._index.remove(ids_N)
                 self._alive_I[ids_N] = False
                 self._count -= ids_N.size
             self._removed_total += int(ids_N.size)
+            self._sync_backup()
         return int(ids_N.size)
 
     # ----- reads --------------------------------------------------------------------------------------
@@ -354,8 +485,9 @@ class LocalMemory:
 
     def _search(self, queries_QD: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(ids_QK, scores_QK, texts_QK, metas_QK): object arrays of texts and metadata JSON, None for padding."""
-        queries_QD = check_vectors(queries_QD, self.config.dim, "queries", self.config.metric == "cosine")
-        k = check_k(k)
+        c = self.config
+        queries_QD = check_vectors(queries_QD, c.dim, "queries", c.metric == "cosine", c.max_batch)
+        k = check_k(k, c.max_k)
         # OpenMP's thread count is per calling thread, so set it on every call (actor calls arrive on pool
         # threads). A few queries run on one thread: fork/join and spin-waits cost more than they save, and
         # concurrent calls already spread over the cores.
@@ -376,7 +508,7 @@ class LocalMemory:
 
     def get(self, ids: np.ndarray | list[int]) -> list[tuple[str, dict | None]]:
         """(text, metadata) of each id, in order; refuses unknown ids."""
-        ids_N = check_ids(ids)
+        ids_N = check_ids(ids, self.config.max_batch)
         with self._rw.read():
             self._check_open()
             texts_N, metas_N, found_N = self._store.rows(ids_N)
@@ -411,6 +543,9 @@ class LocalMemory:
                 "last_recovery_replayed_vectors": self._recovery["replayed_vectors"],
                 "faiss_threads": self._faiss_threads,
                 "path": None if self._ephemeral else self.directory,
+                "backup": self.config.backup or None,
+                "backed_up_seq": self._backed_up_seq if self._backup else None,
+                "restored_from_backup": self._restored,
             }
 
     # ----- durability ---------------------------------------------------------------------------------
@@ -427,6 +562,7 @@ class LocalMemory:
         started = time.perf_counter()
         seq = self._store.last_seq()
         if seq != self._snapshot_seq:
+            self._sync_backup()  # the backup's log holds all the local log will drop
             # Writers are excluded (we hold _writer) and searches never mutate FAISS, so reading it is safe.
             self._index.save(self._snapshot_file("index", seq))
             lru_file = self._snapshot_file("lru", seq)
@@ -438,6 +574,8 @@ class LocalMemory:
             self._store.mark_snapshot(seq)  # the commit point: before it, recovery uses the previous snapshot
             self._snapshot_seq = seq
             self._logged_vectors = 0
+            if self._backup is not None:
+                self._backup_snapshot(seq)
             self._remove_stale_snapshot_files()
         return {"snapshot_seq": seq, "count": self._count, "seconds": round(time.perf_counter() - started, 4)}
 
@@ -446,13 +584,15 @@ class LocalMemory:
             self._snapshot_locked()
 
     def restore(self) -> dict:
-        """Drop the in-memory state and reload it from disk (last snapshot + log), as after a crash."""
+        """Drop the in-memory state and reload it from disk (last snapshot + log), as after a crash; with a backup,
+        from the backup when the local store is missing or older."""
         with self._writer, self._rw.write():
             self._check_open()
             self._store.close()
             self._closed = True
+            self._restore_from_backup()
             self._open()
-        return dict(self._recovery)
+        return {**self._recovery, "restored_from_backup": self._restored}
 
     def close(self) -> None:
         """Release the directory (an ephemeral memory's directory is deleted). Safe to call twice."""

@@ -1,9 +1,11 @@
 """Durable store: texts and metadata, the write-ahead log and the service state, in one SQLite database (WAL mode).
 
-One SQLite transaction per acknowledged write holds the entry rows, the log record (ids, and for adds the
-float32 vectors) and the counters together, so a crash leaves either all of a write or none of it. The log
-only holds what happened since the last snapshot; a snapshot truncates it. Nothing here is pickled: rows are
-text, JSON and raw little-endian int64/float32 bytes.
+One SQLite transaction per acknowledged write holds the entry rows, the log record (ids; for adds the float32
+vectors, texts, metadata and idempotency key), the counters after the write, and the add's key, so a crash
+leaves either all of a write or none of it. The log only holds what happened since the last snapshot; a
+snapshot truncates it. A log record is complete enough to redo its write on another node (``LogRecord``,
+``apply``), which is how a memory's shared backup is kept and restored. Nothing here is pickled: rows are text,
+JSON and raw little-endian int64/float32 bytes.
 """
 
 from __future__ import annotations
@@ -23,10 +25,56 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (id INTEGER PRIMARY KEY, text TEXT NOT NULL, meta TEXT);
 CREATE TABLE IF NOT EXISTS wal (seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, ids BLOB NOT NULL, vectors BLOB);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, first_id INTEGER NOT NULL, n INTEGER NOT NULL);
 """
+# Columns the log gained so that a record can be redone elsewhere (added to stores made before them).
+WAL_COLUMNS = {"texts": "TEXT", "metas": "TEXT", "key": "TEXT", "counters": "TEXT"}
 
 # Counters kept in the state table, updated in the same transaction as the write they count.
 COUNTERS = ("next_id", "snapshot_seq", "evicted_total", "removed_total")
+# Idempotency keys kept (newest first) after a snapshot prunes them: a client retries within seconds.
+KEPT_KEYS = 100_000
+
+
+class LogRecord(NamedTuple):
+    """One write as the log holds it: enough to redo it on an empty store (a restore from the shared backup)."""
+
+    seq: int
+    op: str  # "add" or "remove" (an add's evictions are a "remove" record just before it)
+    ids_N: np.ndarray  # int64
+    vectors_ND: np.ndarray | None  # float32, adds only
+    texts: list[str] | None  # adds only
+    metas: list[str | None] | None  # metadata JSON, adds only
+    key: str | None  # the add's idempotency key
+    counters: dict[str, int]  # the counters after the write
+
+    def encode(self) -> bytes:
+        """A self-describing byte string: magic, header length, JSON header, then ids and vectors as raw bytes."""
+        header = json.dumps({"seq": self.seq, "op": self.op, "n": int(self.ids_N.size),
+                             "dim": 0 if self.vectors_ND is None else int(self.vectors_ND.shape[1]),
+                             "texts": self.texts, "metas": self.metas, "key": self.key,
+                             "counters": self.counters}).encode("utf-8")
+        vectors = b"" if self.vectors_ND is None else self.vectors_ND.astype("<f4").tobytes()
+        return b"".join([RECORD_MAGIC, len(header).to_bytes(8, "little"), header,
+                         self.ids_N.astype("<i8").tobytes(), vectors])
+
+    @classmethod
+    def decode(cls, data: bytes) -> LogRecord:
+        if not data.startswith(RECORD_MAGIC):
+            raise MemoryServiceError("a backup log record does not start with the memtrain record header; the backup "
+                                     "holds a foreign or damaged file")
+        at = len(RECORD_MAGIC)
+        size = int.from_bytes(data[at:at + 8], "little")
+        header = json.loads(data[at + 8:at + 8 + size])
+        at += 8 + size
+        n, dim = header["n"], header["dim"]
+        ids_N = np.frombuffer(data, "<i8", n, at).astype(np.int64)
+        vectors_ND = np.frombuffer(data, "<f4", n * dim, at + 8 * n).reshape(n, dim).copy() if dim else None
+        return cls(header["seq"], header["op"], ids_N, vectors_ND, header["texts"], header["metas"], header["key"],
+                   header["counters"])
+
+
+RECORD_MAGIC = b"memtrain-memory-log-1\n"
 
 
 class _Mirror(NamedTuple):
@@ -56,6 +104,10 @@ class Store:
         self._readers_lock = threading.Lock()
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
+        have = {row[1] for row in self._writer.execute("PRAGMA table_info(wal)")}
+        for column, kind in WAL_COLUMNS.items():
+            if column not in have:
+                self._writer.execute(f"ALTER TABLE wal ADD COLUMN {column} {kind}")
         # The rows read or written since open, indexed by id: searches skip SQLite for them. It only ever holds
         # committed rows (filled after a commit or from a read). Fills and growth take _mirror_lock; readers take
         # no lock: they read one _Mirror tuple (growth swaps in a new one) and set slots in the order text, meta,
@@ -106,25 +158,80 @@ class Store:
 
     # ----- writes (one transaction each) -------------------------------------------------------------
     def write_add(self, ids_N: np.ndarray, texts: list[str], metas: list[str | None], vectors_ND: np.ndarray,
-                  victims_V: np.ndarray, counters: dict[str, int]) -> None:
-        """Evict victims_V (if any) and add the entries, logging both, atomically."""
+                  victims_V: np.ndarray, counters: dict[str, int], key: str | None = None) -> None:
+        """Evict victims_V (if any) and add the entries, logging both, atomically; ``key`` records the add under
+        its idempotency key."""
+        counters = {**self.counters(), **counters}
         with self._transaction():
             if victims_V.size:
                 self._delete_entries(victims_V)
-                self._writer.execute("INSERT INTO wal (op, ids) VALUES ('remove', ?)", (victims_V.astype("<i8").tobytes(),))
+                self._log("remove", victims_V, None, None, None, None, counters)
             self._writer.executemany("INSERT INTO entries VALUES (?, ?, ?)", zip(ids_N.tolist(), texts, metas))
-            self._writer.execute("INSERT INTO wal (op, ids, vectors) VALUES ('add', ?, ?)",
-                                 (ids_N.astype("<i8").tobytes(), vectors_ND.astype("<f4").tobytes()))
+            self._log("add", ids_N, vectors_ND, texts, metas, key, counters)
+            if key is not None:
+                self._writer.execute("INSERT INTO keys VALUES (?, ?, ?)", (key, int(ids_N[0]), int(ids_N.size)))
             self._set_counters(counters)
         self._forget(victims_V)
         self._remember(ids_N, object_array(texts), object_array(metas))
 
     def write_remove(self, ids_N: np.ndarray, counters: dict[str, int]) -> None:
+        counters = {**self.counters(), **counters}
         with self._transaction():
             self._delete_entries(ids_N)
-            self._writer.execute("INSERT INTO wal (op, ids) VALUES ('remove', ?)", (ids_N.astype("<i8").tobytes(),))
+            self._log("remove", ids_N, None, None, None, None, counters)
             self._set_counters(counters)
         self._forget(ids_N)
+
+    def _log(self, op: str, ids_N: np.ndarray, vectors_ND: np.ndarray | None, texts: list[str] | None,
+             metas: list[str | None] | None, key: str | None, counters: dict[str, int]) -> None:
+        self._writer.execute(
+            "INSERT INTO wal (op, ids, vectors, texts, metas, key, counters) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (op, ids_N.astype("<i8").tobytes(), None if vectors_ND is None else vectors_ND.astype("<f4").tobytes(),
+             None if texts is None else json.dumps(texts), None if metas is None else json.dumps(metas), key,
+             json.dumps(counters)))
+
+    def apply(self, record: LogRecord) -> None:
+        """Redo a write from another store's log at the same sequence number (restoring from a backup)."""
+        with self._transaction():
+            if record.op == "add":
+                self._writer.executemany("INSERT INTO entries VALUES (?, ?, ?)",
+                                         zip(record.ids_N.tolist(), record.texts, record.metas))
+                if record.key is not None:
+                    self._writer.execute("INSERT OR REPLACE INTO keys VALUES (?, ?, ?)",
+                                         (record.key, int(record.ids_N[0]), int(record.ids_N.size)))
+            else:
+                self._delete_entries(record.ids_N)
+            self._writer.execute(
+                "INSERT INTO wal (seq, op, ids, vectors, texts, metas, key, counters) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.seq, record.op, record.ids_N.astype("<i8").tobytes(),
+                 None if record.vectors_ND is None else record.vectors_ND.astype("<f4").tobytes(),
+                 None if record.texts is None else json.dumps(record.texts),
+                 None if record.metas is None else json.dumps(record.metas), record.key, json.dumps(record.counters)))
+            self._set_counters(record.counters)
+
+    def records_since(self, seq: int, dim: int) -> Iterator[LogRecord]:
+        """Every log record after ``seq``, whole (for the shared backup)."""
+        for row in self._writer.execute("SELECT seq, op, ids, vectors, texts, metas, key, counters FROM wal "
+                                        "WHERE seq > ? ORDER BY seq", (seq,)):
+            row_seq, op, ids_blob, vectors_blob, texts, metas, key, counters = row
+            ids_N = np.frombuffer(ids_blob, dtype="<i8").astype(np.int64)
+            vectors_ND = None if vectors_blob is None else np.frombuffer(vectors_blob, dtype="<f4").reshape(-1, dim)
+            yield LogRecord(row_seq, op, ids_N, vectors_ND, None if texts is None else json.loads(texts),
+                            None if metas is None else json.loads(metas), key,
+                            json.loads(counters) if counters else self.counters())
+
+    def applied(self, key: str) -> tuple[int, int] | None:
+        """(first id, count) of the add recorded under an idempotency key, or None."""
+        row = self._writer.execute("SELECT first_id, n FROM keys WHERE key = ?", (key,)).fetchone()
+        return (int(row[0]), int(row[1])) if row else None
+
+    def copy_to(self, db_path: str) -> None:
+        """A consistent copy of the whole database (SQLite's online backup; writers are excluded by the caller)."""
+        target = sqlite3.connect(db_path)
+        try:
+            self._writer.backup(target)
+        finally:
+            target.close()
 
     def _remember(self, ids_N: np.ndarray, texts_N: np.ndarray, metas_N: np.ndarray) -> None:
         if not ids_N.size:
@@ -150,10 +257,11 @@ class Store:
             mirror.meta_I[ids_N] = None
 
     def mark_snapshot(self, seq: int) -> None:
-        """The snapshot file for `seq` is on disk: drop the log it covers."""
+        """The snapshot file for `seq` is on disk: drop the log it covers, and all but the newest idempotency keys."""
         with self._transaction():
             self._set_counters({"snapshot_seq": seq})
             self._writer.execute("DELETE FROM wal WHERE seq <= ?", (seq,))
+            self._writer.execute("DELETE FROM keys WHERE rowid <= (SELECT MAX(rowid) FROM keys) - ?", (KEPT_KEYS,))
 
     def _delete_entries(self, ids_N: np.ndarray) -> None:
         self._writer.executemany("DELETE FROM entries WHERE id = ?", ((i,) for i in ids_N.tolist()))

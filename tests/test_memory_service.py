@@ -438,3 +438,108 @@ def test_actor_requires_a_path_and_matching_config(ray_session, tmp_path):
         mem.shutdown(snapshot=False)
     with pytest.raises(MemoryServiceError, match="no memory named"):
         get_or_create_memory("never-created", namespace=NAMESPACE)
+
+
+# ----- limits, idempotency, timeouts ----------------------------------------------------------------------------
+def test_oversize_requests_are_refused_before_any_work(backend, tmp_path):
+    mem = backend.open(MemoryConfig(dim=4, metric="l2", path=str(tmp_path), max_k=50, max_batch=100,
+                                    max_text_bytes=32, max_metadata_bytes=40))
+    ok_ND = np.ones((1, 4), np.float32)
+    with pytest.raises(MemoryServiceError, match=r"k=1000000000 is more neighbours .*max_k=50"):
+        mem.search(ok_ND, k=10**9)
+    with pytest.raises(MemoryServiceError, match=r"queries hold 101 rows, more than the 100 .*max_batch"):
+        mem.search(np.ones((101, 4), np.float32), k=1)
+    with pytest.raises(MemoryServiceError, match=r"vectors hold 101 rows"):
+        mem.add(np.ones((101, 4), np.float32), ["x"] * 101)
+    with pytest.raises(MemoryServiceError, match=r"texts\[0\] has 33 bytes, more than the 32 .*max_text_bytes"):
+        mem.add(ok_ND, ["é" * 16 + "x"])
+    with pytest.raises(MemoryServiceError, match=r"metadata\[0\] is \d+ bytes of JSON, more than the 40"):
+        mem.add(ok_ND, ["x"], [{"note": "y" * 40}])
+    with pytest.raises(MemoryServiceError, match="more than one call may carry"):
+        mem.remove(list(range(101)))
+    assert mem.stats()["count"] == 0 and mem.stats()["next_id"] == 0  # nothing was written
+
+
+def test_an_add_again_with_the_same_key_is_applied_once(backend, tmp_path):
+    mem = backend.open(MemoryConfig(dim=4, metric="l2", path=str(tmp_path)))
+    batch_ND = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    first = mem.add(batch_ND, ["a", "b", "c"], key="batch-1")
+    again = mem.add(batch_ND, ["a", "b", "c"], key="batch-1")  # a retry after a lost answer
+    assert again.tolist() == first.tolist() == [0, 1, 2] and mem.stats()["count"] == 3
+    assert mem.add(batch_ND[:1], ["d"], key="batch-2").tolist() == [3]
+    with pytest.raises(MemoryServiceError, match="key 'batch-1' was used for an add of 3 vectors, not 1"):
+        mem.add(batch_ND[:1], ["e"], key="batch-1")
+    with pytest.raises(MemoryServiceError, match="key must be None or a non-empty str"):
+        mem.add(batch_ND[:1], ["e"], key="")
+    reopened = backend.reopen(mem, MemoryConfig(dim=4, metric="l2", path=str(tmp_path)))
+    assert reopened.add(batch_ND, ["a", "b", "c"], key="batch-1").tolist() == [0, 1, 2]  # keys survive a restart
+    assert reopened.stats()["count"] == 4
+
+
+def test_a_hung_actor_gives_a_timeout_error_not_a_hang(ray_session, tmp_path):
+    mem = get_or_create_memory(f"hang-{uuid.uuid4().hex[:8]}", MemoryConfig(dim=4, metric="l2", path=str(tmp_path),
+                                                                              call_timeout_s=2.0), namespace=NAMESPACE)
+    pid = mem.pid()
+    os.kill(pid, signal.SIGSTOP)  # alive but answering nothing
+    try:
+        started = time.monotonic()
+        with pytest.raises(MemoryServiceError, match=r"did not answer search_packed within 2 s .*hung or overloaded"):
+            mem.search(np.ones((1, 4), np.float32), k=1)
+        assert time.monotonic() - started < 10
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        mem.shutdown(snapshot=False)
+
+
+# ----- the shared backup ----------------------------------------------------------------------------------------
+@pytest.fixture(params=["folder", "s3"])
+def backup_uri(request, tmp_path):
+    """A shared backup: a folder (as a mount every node sees), or a bucket on the loopback S3 server."""
+    if request.param == "folder":
+        return str(tmp_path / "backup")
+    server = request.getfixturevalue("s3_server")
+    return f"s3://{server['bucket']}/memories/{uuid.uuid4().hex[:8]}"
+
+
+def test_a_memory_comes_back_whole_from_its_backup_on_another_disk(backup_uri, tmp_path):
+    config = MemoryConfig(dim=8, metric="l2", path=str(tmp_path / "node-a"), backup=backup_uri, capacity=50)
+    rng = np.random.default_rng(1)
+    vectors_ND = rng.standard_normal((60, 8)).astype(np.float32)
+    with LocalMemory(config) as mem:
+        mem.add(vectors_ND[:20], [f"v{i}" for i in range(20)], [{"i": i} for i in range(20)], key="first")
+        mem.snapshot()  # the backup gets a snapshot; the records it covers leave its log
+        mem.add(vectors_ND[20:60], [f"v{i}" for i in range(20, 60)], key="second")  # evicts the 10 oldest
+        mem.remove([15, 16])
+        expected = mem.stats()
+    # another node: an empty disk, the same backup
+    other = MemoryConfig.from_dict({**config.to_dict(), "path": str(tmp_path / "node-b")})
+    with LocalMemory(other) as mem:
+        stats = mem.stats()
+        assert stats["restored_from_backup"]["snapshot_seq"] > 0 and stats["restored_from_backup"]["log_records"] >= 2
+        for key in ("count", "next_id", "evicted_total", "removed_total"):
+            assert stats[key] == expected[key]
+        live_N = np.array([i for i in range(10, 60) if i not in (15, 16)])
+        hits = mem.search(vectors_ND[live_N], k=1)
+        assert hits.ids_QK[:, 0].tolist() == live_N.tolist()  # every acknowledged vector is its own neighbour
+        assert [t for t, _ in mem.get(live_N[:3])] == ["v10", "v11", "v12"] and mem.get([11])[0][1] == {"i": 11}
+        assert mem.add(vectors_ND[20:60], [f"v{i}" for i in range(20, 60)], key="second").tolist() == \
+            list(range(20, 60))  # the idempotency keys came back too
+        assert mem.stats()["count"] == expected["count"]
+
+
+def test_a_write_the_backup_did_not_take_is_not_acknowledged_and_a_retry_completes_it(tmp_path):
+    backup = tmp_path / "backup"
+    config = MemoryConfig(dim=4, metric="l2", path=str(tmp_path / "node-a"), backup=str(backup))
+    ones_ND = np.ones((2, 4), np.float32)
+    with LocalMemory(config) as mem:
+        mem.add(ones_ND, ["a", "b"])
+        (backup / "log").rename(tmp_path / "log-away")
+        (backup / "log").write_text("not a folder")  # the backup refuses writes
+        with pytest.raises(MemoryServiceError, match="not in the shared backup, so it is not acknowledged"):
+            mem.add(2 * ones_ND, ["c", "d"], key="k")
+        (backup / "log").unlink()
+        (tmp_path / "log-away").rename(backup / "log")
+        assert mem.add(2 * ones_ND, ["c", "d"], key="k").tolist() == [2, 3]  # applied once, now in the backup too
+    other = MemoryConfig.from_dict({**config.to_dict(), "path": str(tmp_path / "node-b")})
+    with LocalMemory(other) as mem:
+        assert mem.stats()["count"] == 4 and [t for t, _ in mem.get([2, 3])] == ["c", "d"]

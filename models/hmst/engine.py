@@ -284,14 +284,15 @@ class HMSTEngine:
             self._default_session = self.session()
         return self._default_session.ask(query, decisions)
 
-    def fill_semantic(self, texts: list[str], metadata: list[dict | None] | None = None) -> int:
+    def fill_semantic(self, texts: list[str], metadata: list[dict | None] | None = None, key: str | None = None) -> int:
         """Embed ``texts`` with the engine's embedder and add them to the semantic memory; returns how many.
 
-        Each entry's metadata records the embedder's ``signature`` (see ``foreign_semantic_memory``)."""
+        Each entry's metadata records the embedder's ``signature`` (see ``foreign_semantic_memory``). ``key`` is the
+        add's idempotency key: fills under one key (from several processes at once) are applied once."""
         if self.semantic_memory is None:
             raise ModelError("this engine has no semantic memory; pass semantic_memory= to HMSTEngine")
         metadata = [{**(m or {}), "embedder": self.embedder.signature} for m in (metadata or [None] * len(texts))]
-        ids = self.semantic_memory.add(self.embedder.embed(texts), list(texts), metadata)
+        ids = self.semantic_memory.add(self.embedder.embed(texts), list(texts), metadata, key=key)
         return len(ids)
 
     def foreign_semantic_memory(self) -> str | None:

@@ -152,6 +152,11 @@ class FactWorld:
             raise ModelError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
         return [f for f in self.facts if f.placement == placement]
 
+    def semantic_key(self, embedder_signature: str) -> str:
+        """The idempotency key of filling a memory with this world's semantic facts under one embedder: every
+        process that fills one (the pipeline, each env runner) uses it, so the facts go in once."""
+        return f"facts-{self.cfg.seed}-{self.cfg.n_entities}-{embedder_signature}"
+
     @staticmethod
     def wrong_value(fact: Fact, rng: random.Random) -> str:
         """A value of the same attribute that is not the fact's (a corrupted answer)."""

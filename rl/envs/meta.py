@@ -64,7 +64,11 @@ class MetaEnvConfig:
     namespace: str = "memtrain"
     """Ray namespace of the memory actor."""
     memory_path: str = ""
-    """Directory of the actor's data; "" = ~/.cache/memtrain/memory/<memory_name>."""
+    """Folder of the actor's data on its node; "" = <memory_name> under that node's memory root (MEMTRAIN_MEMORY_ROOT,
+    default ~/.cache/memtrain/memory)."""
+    memory_backup: str = ""
+    """Shared storage the memory actor copies every acknowledged write to (a URI or a folder every node mounts), so
+    it survives the loss of its node; "" = none."""
     fact_seed: int = 0
     """Seed of the fact world (use the one the checkpoint's corpus was written with)."""
     n_entities: int = 120
@@ -182,9 +186,8 @@ class MetaControllerEnv(gym.Env):
         if not ray.is_initialized():
             raise RLError("env_config.memory='actor' needs Ray (it runs inside RLlib, or call ray.init first); "
                           "use env_config.memory=local for an in-process memory")
-        path = self.cfg.memory_path or os.path.expanduser(f"~/.cache/memtrain/memory/{self.cfg.memory_name}")
-        return get_or_create_memory(self.cfg.memory_name, MemoryConfig(dim=dim, path=path),
-                                    namespace=self.cfg.namespace)
+        config = MemoryConfig(dim=dim, path=self.cfg.memory_path or self.cfg.memory_name, backup=self.cfg.memory_backup)
+        return get_or_create_memory(self.cfg.memory_name, config, namespace=self.cfg.namespace)
 
     def _build(self) -> None:
         cfg = self.cfg
@@ -194,12 +197,15 @@ class MetaControllerEnv(gym.Env):
         if foreign:
             raise RLError(f"the semantic memory {cfg.memory_name!r} holds vectors of another tokenizer/embedder "
                           f"({foreign}, this checkpoint's is {engine.embedder.signature}); give env_config.memory_name "
-                          f"and memory_path of a fresh memory, or delete {cfg.memory_path or '~/.cache/memtrain/memory/' + cfg.memory_name}")
+                          f"and memory_path of a fresh memory, or stop that memory (memtrain memory stop --name "
+                          f"{cfg.memory_name}) and delete its folder")
         if engine.semantic_count() == 0:
+            # env runners start at once: the first fill is applied once, the others get its ids back (same key)
             facts = self.world.by_placement("semantic")
             engine.fill_semantic([f.statement() for f in facts],
                                  [{"source": "facts", "seed": cfg.fact_seed, "entity": f.entity,
-                                   "filled_by_pid": os.getpid()} for f in facts])
+                                   "filled_by_pid": os.getpid()} for f in facts],
+                                 key=self.world.semantic_key(engine.embedder.signature))
         self.engine = engine
         rng = np.random.default_rng(QUERY_PROJECTION_SEED)
         self._projection_DQ = rng.standard_normal((engine.embedder.dim, cfg.query_dims)).astype(np.float32)
