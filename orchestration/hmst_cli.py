@@ -44,8 +44,8 @@ def _memory(args, dim: int):
     from orchestration.ray_utils import ensure_ray
 
     ensure_ray()
-    path = os.path.expanduser(f"~/.cache/memtrain/memory/{args.memory_name}")
-    return get_or_create_memory(args.memory_name, MemoryConfig(dim=dim, path=path), namespace=args.namespace)
+    # the memory's folder is on the actor's node, under that node's memory root
+    return get_or_create_memory(args.memory_name, MemoryConfig(dim=dim, path=args.memory_name), namespace=args.namespace)
 
 
 # --- commands ---------------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,10 +143,12 @@ def _stage_sample(cfg: PipelineConfig, checkpoint: str) -> str:
     return cfg.sample_prompt + tok.decode(ids)
 
 
-def _memory_path(out: Location, name: str) -> str:
-    """Where the memory actor keeps its data: the pipeline folder when it is a path; with a URI output the memory's
-    own default, ~/.cache/memtrain/memory/<name> (as memtrain hmst and the meta env use)."""
-    return (out / "memory").uri if out.is_local else os.path.expanduser(f"~/.cache/memtrain/memory/{name}")
+def _memory_places(out: Location, name: str) -> tuple[str, str]:
+    """(path, backup) of the memory actor: the pipeline folder when it is a path; with a URI output a folder under
+    the memory root of the actor's node, backed up to <output>/memory-backup (so it survives that node)."""
+    if out.is_local:
+        return (out / "memory").uri, ""
+    return name, (out / "memory-backup").uri
 
 
 def _stage_memory(cfg: PipelineConfig, out: Location, checkpoint: str) -> dict:
@@ -160,17 +161,21 @@ def _stage_memory(cfg: PipelineConfig, out: Location, checkpoint: str) -> dict:
     log.info("stage 3/7: filling the shared semantic memory actor %r", name)
     model, tok, _ = load_lm(checkpoint)
     engine = HMSTEngine(model, tok)  # its embedder is the one the env uses
-    memory = get_or_create_memory(name, MemoryConfig(dim=engine.embedder.dim, path=_memory_path(out, name)),
+    path, backup = _memory_places(out, name)
+    memory = get_or_create_memory(name, MemoryConfig(dim=engine.embedder.dim, path=path, backup=backup),
                                   namespace=MEMORY_NAMESPACE)
     engine.semantic_memory = memory
     if engine.foreign_semantic_memory():
         raise MemtrainError(f"the memory actor {name!r} holds vectors of another tokenizer (an earlier pretraining "
-                            f"stage); delete {_memory_path(out, name)} and restart Ray, or set memory_name=<new name>")
-    facts = FactWorld(cfg.facts).by_placement("semantic")
+                            f"stage); stop it (memtrain memory stop --name {name} --namespace {MEMORY_NAMESPACE}) and "
+                            f"delete {path}, or set memory_name=<new name>")
+    world = FactWorld(cfg.facts)
+    facts = world.by_placement("semantic")
     started = time.perf_counter()
     if memory.stats()["count"] == 0:
         engine.fill_semantic([f.statement() for f in facts],
-                             [{"source": "facts", "seed": cfg.facts.seed, "entity": f.entity} for f in facts])
+                             [{"source": "facts", "seed": cfg.facts.seed, "entity": f.entity} for f in facts],
+                             key=world.semantic_key(engine.embedder.signature))
     fill_s = time.perf_counter() - started
     latencies_ms, top1 = [], 0
     for fact in facts:
@@ -193,7 +198,8 @@ def _memory_name(cfg: PipelineConfig, out: Location) -> str:
 def _meta_env_config(cfg: PipelineConfig, out: Location) -> dict:
     name = _memory_name(cfg, out)
     return {**cfg.meta_env, "checkpoint": (out / "pretrain").uri, "memory": "actor", "memory_name": name,
-            "namespace": MEMORY_NAMESPACE, "memory_path": _memory_path(out, name), "fact_seed": cfg.facts.seed,
+            "namespace": MEMORY_NAMESPACE, "memory_path": _memory_places(out, name)[0],
+            "memory_backup": _memory_places(out, name)[1], "fact_seed": cfg.facts.seed,
             "n_entities": cfg.facts.n_entities}
 
 

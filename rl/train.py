@@ -72,6 +72,10 @@ class RLTrainConfig:
     """PPO iterations (training_iteration) to reach; a resumed run continues up to this number."""
     num_env_runners: int = 0
     """Remote env runners (0 samples in the driver process; each runner takes one CPU)."""
+    num_learners: int = 0
+    """Remote learner workers (0 updates the policy in the driver process)."""
+    num_gpus_per_learner: float = 0.0
+    """GPUs per learner (with num_learners 0: for the local learner); on the cluster YAMLs' GPU workers, 1."""
     checkpoint_every: int = 5
     """Checkpoint and export the policy every N iterations (and at the end)."""
     keep_checkpoints: int = 2
@@ -85,6 +89,9 @@ class RLTrainConfig:
         for name in ("iterations", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_env_runners", "num_learners", "num_gpus_per_learner"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def build_ppo_config(cfg: RLTrainConfig):
@@ -99,6 +106,7 @@ def build_ppo_config(cfg: RLTrainConfig):
             .environment(rllib_env_name(cfg.env), env_config={**cfg.env_config, "seed": cfg.seed}
                          if cfg.env in ("meta", "thermo") else cfg.env_config)
             .env_runners(num_env_runners=cfg.num_env_runners)
+            .learners(num_learners=cfg.num_learners, num_gpus_per_learner=cfg.num_gpus_per_learner)
             .training(lr=p.lr, gamma=p.gamma, lambda_=p.lambda_, clip_param=p.clip_param,
                       entropy_coeff=p.entropy_coeff, vf_loss_coeff=p.vf_loss_coeff,
                       train_batch_size_per_learner=p.train_batch_size, minibatch_size=p.minibatch_size,

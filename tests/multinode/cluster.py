@@ -33,6 +33,7 @@ import atexit
 import contextlib
 import ctypes
 import importlib
+import json
 import logging
 import os
 import random
@@ -494,7 +495,7 @@ class MultiNodeCluster:
         self._gcs = GcsClient(address=self.address)
         self.head.node_id = wait_for(lambda: self._node_id(self.head), 30, "the head in the GCS")
 
-    def _spawn_worker(self, num_cpus: float) -> Node:
+    def _spawn_worker(self, num_cpus: float, resources: dict[str, float] | None = None) -> Node:
         """Start a worker node in a new private mount namespace (returns at once; see _wait_worker)."""
         self._node_counter += 1
         name = f"w{self._node_counter}"
@@ -503,7 +504,7 @@ class MultiNodeCluster:
         temp_dir = self.base / "ray" / name
         temp_dir.mkdir(parents=True)
         ray_cmd = [_console_script("ray"), "start", f"--address={self.address}", f"--num-cpus={num_cpus}",
-                   *self._common_ray_args(name, ip)]
+                   *([f"--resources={json.dumps(resources)}"] if resources else []), *self._common_ray_args(name, ip)]
         # `unshare -m` (no --fork) execs bash in a new mount namespace whose mounts do not propagate back to the
         # host; bash mounts an empty tmpfs over each hidden folder, then execs `ray start`, so the node's pid is
         # the one we spawned and every process the node starts inherits the namespace.
@@ -576,10 +577,12 @@ class MultiNodeCluster:
             procs += processes_in_mount_namespace(node.mount_ns)
         kill_processes(procs, owner=node.process)
 
-    def add_worker_node(self, num_cpus: float = 2, timeout: float = 60) -> Node:
-        """Start a fresh worker node (fresh namespace, empty hidden folders) and return it once it is alive."""
+    def add_worker_node(self, num_cpus: float = 2, resources: dict[str, float] | None = None,
+                        timeout: float = 60) -> Node:
+        """Start a fresh worker node (fresh namespace, empty hidden folders; ``resources``: custom Ray resources it
+        offers) and return it once it is alive."""
         t0 = time.monotonic()
-        node = self._spawn_worker(num_cpus)
+        node = self._spawn_worker(num_cpus, resources)
         try:
             self._wait_worker(node, timeout)
         except BaseException:
