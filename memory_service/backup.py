@@ -92,22 +92,15 @@ class SharedBackup:
         kind = pafs.FileType.Directory if folders else pafs.FileType.File
         return sorted(os.path.basename(info.path) for info in infos if info.type == kind)
 
-    def delete(self, names: list[str]) -> None:
+    def delete(self, names: list[str], folders: bool = False) -> None:
+        """Delete objects (or, with ``folders``, folders and all in them); missing ones are fine."""
         for name in names:
             try:
-                self._fs.delete_file(self._path(name))
+                (self._fs.delete_dir if folders else self._fs.delete_file)(self._path(name))
             except FileNotFoundError:
                 pass
             except OSError as exc:
                 raise MemoryServiceError(f"cannot delete {name} from the memory backup {self.where}: {exc}") from None
-
-    def delete_folder(self, folder: str) -> None:
-        try:
-            self._fs.delete_dir(self._path(folder))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise MemoryServiceError(f"cannot delete {folder} from the memory backup {self.where}: {exc}") from None
 
     def put_file(self, name: str, local_path: str) -> None:
         with open(local_path, "rb") as f:

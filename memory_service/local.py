@@ -357,9 +357,8 @@ class LocalMemory:
             backup.put("snapshot.json", json.dumps({"seq": seq, "files": {
                 name: os.path.getsize(path) for name, path in files.items()}}).encode())
         backup.delete([f"log/{name}" for name in backup.names("log") if int(name.split(".")[0]) <= seq])
-        for name in backup.names("snapshots", folders=True):
-            if name != f"{seq:012d}":
-                backup.delete_folder(f"snapshots/{name}")
+        backup.delete([f"snapshots/{name}" for name in backup.names("snapshots", folders=True)
+                       if name != f"{seq:012d}"], folders=True)
 
     def _snapshot_file(self, kind: str, seq: int) -> str:
         suffix = "faiss" if kind == "index" else "npy"
