@@ -132,3 +132,17 @@ def test_the_meta_controller_trains_with_a_remote_env_runner_and_resumes_from_th
         assert "resumed PPO from" in second.stdout and "iter_0002" in second.stdout
         assert [r["iteration"] for r in read_metrics(run)] == [1, 2, 3]
         memory.shutdown(snapshot=False)
+
+
+def test_oversize_requests_are_refused_and_a_retried_add_is_applied_once(cluster, ray_client):
+    name = f"limits-{uuid.uuid4().hex[:6]}"
+    mem = get_or_create_memory(name, MemoryConfig(dim=DIM, metric="l2", path=name, max_k=100), namespace=NAMESPACE)
+    try:
+        query_ND = np.ones((1, DIM), np.float32)
+        with pytest.raises(MemoryServiceError, match=r"k=1000000000 is more neighbours .*max_k=100"):
+            mem.search(query_ND, k=10**9)  # refused before FAISS allocates anything; the actor lives on
+        ids = mem.add(query_ND, ["once"], key="retry-me")
+        assert mem.add(query_ND, ["once"], key="retry-me").tolist() == ids.tolist()
+        assert mem.stats()["count"] == 1
+    finally:
+        mem.shutdown(snapshot=False)
