@@ -47,5 +47,5 @@ def test_memory_cli_serve_stats_search_snapshot_stop(ray_session, tmp_path, caps
 def test_memory_cli_refuses_bad_config(ray_session, tmp_path, capsys):
     with pytest.raises(MemoryServiceError, match="Key 'dims' not in 'MemoryConfig'.*valid fields: dim"):
         run(capsys, "serve", "--name", "bad", f"path={tmp_path}", "dims=4")
-    with pytest.raises(MemoryServiceError, match="serve needs a directory"):
+    with pytest.raises(MemoryServiceError, match="serve needs a folder for the memory.s data on the actor.s node"):
         run(capsys, "serve", "--name", "bad", "dim=4")
