@@ -128,7 +128,11 @@ def _snapshot(args) -> int:
 
 def _search(args) -> int:
     if args.queries:
-        queries = np.load(args.queries, allow_pickle=False)
+        try:
+            queries = np.load(args.queries, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise MemoryServiceError(f"--queries {args.queries!r} cannot be read as a .npy array of float32 queries "
+                                     f"({err}); save them with np.save(path, queries.astype(np.float32))") from None
     else:
         try:
             queries = np.array([float(v) for v in args.vector.split(",")], dtype=np.float32)

@@ -405,22 +405,45 @@ class LocalMemory:
             victims_V = self._pick_victims(self._count + n - capacity) if capacity else np.empty(0, np.int64)
             ids_N = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
             counters = self._counters(next_id=self._next_id + n, evicted_total=self._evicted_total + victims_V.size)
-            if victims_V.size:
-                # Deleting rows a concurrent search may be about to read: commit and apply under the index lock.
-                with self._rw.write():
+            try:
+                if victims_V.size:
+                    # Deleting rows a concurrent search may be about to read: commit and apply under the index lock.
+                    with self._rw.write():
+                        self._store.write_add(ids_N, texts, metas, vectors_ND, victims_V, counters, key)
+                        self._apply_add(ids_N, vectors_ND, victims_V)
+                else:
+                    # New rows are invisible until FAISS holds their ids, so searches keep running during the commit.
                     self._store.write_add(ids_N, texts, metas, vectors_ND, victims_V, counters, key)
-                    self._apply_add(ids_N, vectors_ND, victims_V)
-            else:
-                # New rows are invisible until FAISS holds their ids, so searches keep running during the commit.
-                self._store.write_add(ids_N, texts, metas, vectors_ND, victims_V, counters, key)
-                with self._rw.write():
-                    self._apply_add(ids_N, vectors_ND, victims_V)
+                    with self._rw.write():
+                        self._apply_add(ids_N, vectors_ND, victims_V)
+            except MemoryServiceError:
+                raise  # the store refused the write: nothing of it was committed
+            except Exception as exc:  # FAISS failed after the commit (e.g. out of memory while retraining IVF)
+                self._reload_after(exc, f"the add of ids {ids_N[0]}..{ids_N[-1]}")
             self._next_id += n
             self._evicted_total += int(victims_V.size)
             self._logged_vectors += n
             self._sync_backup()
             self._maybe_auto_snapshot()
         return ids_N
+
+    def _reload_after(self, exc: Exception, what: str) -> None:
+        """A write the store committed could not be applied in memory: rebuild the in-memory state from disk (which
+        holds the write), so the memory stays consistent, and raise an error that names the real cause."""
+        cause = f"{type(exc).__name__}: {exc}"
+        with self._rw.write():
+            self._store.close()
+            self._closed = True
+            try:
+                self._open()
+            except Exception as again:
+                raise MemoryServiceError(f"{what} was stored, but applying it failed ({cause}), and so did reloading the "
+                                         f"memory from {self.directory} ({type(again).__name__}: {again}); the memory "
+                                         "is closed: fix the cause (e.g. free memory) and open it again") from exc
+        self._sync_backup()
+        raise MemoryServiceError(f"{what} was stored, but applying it to the FAISS index failed ({cause}); the memory "
+                                 "reloaded itself from disk and holds the write (an add again with the same key "
+                                 "returns its ids)") from exc
 
     def _counters(self, **changes: int) -> dict[str, int]:
         """Every counter of the store as it stands, with ``changes`` (what a write records in its log record)."""
@@ -463,11 +486,16 @@ class LocalMemory:
                 unknown = ids_N[~known_N]
                 raise MemoryServiceError(f"unknown id(s) {unknown[:10].tolist()}{' ...' if unknown.size > 10 else ''}: "
                                          "never added, or already removed or evicted; nothing was removed")
-            with self._rw.write():
-                self._store.write_remove(ids_N, self._counters(removed_total=self._removed_total + ids_N.size))
-                self._index.remove(ids_N)
-                self._alive_I[ids_N] = False
-                self._count -= ids_N.size
+            try:
+                with self._rw.write():
+                    self._store.write_remove(ids_N, self._counters(removed_total=self._removed_total + ids_N.size))
+                    self._index.remove(ids_N)
+                    self._alive_I[ids_N] = False
+                    self._count -= ids_N.size
+            except MemoryServiceError:
+                raise
+            except Exception as exc:
+                self._reload_after(exc, f"the remove of {ids_N.size} id(s)")
             self._removed_total += int(ids_N.size)
             self._sync_backup()
         return int(ids_N.size)

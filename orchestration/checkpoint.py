@@ -31,7 +31,7 @@ from torch import nn
 from models.common.errors import ModelError
 from models.io import CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
 from orchestration.errors import CheckpointError, StorageError
-from orchestration.storage import MANIFEST, Location, latest_checkpoint, local_copy, write_manifest
+from orchestration.storage import MANIFEST, Location, local_copy, newest_intact_checkpoint, write_manifest
 from orchestration.tokenizers import TOKENIZER_FILE, load_tokenizer
 
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -114,12 +114,12 @@ def load_optimizer_state(directory: str | os.PathLike, optimizer: torch.optim.Op
 
 
 def find_checkpoint(where: str | os.PathLike | Location) -> Location:
-    """A checkpoint folder from a checkpoint path or a run folder (its newest complete checkpoint); local, on a
-    shared mount or a URI."""
+    """A checkpoint folder from a checkpoint path or a run folder (its newest intact checkpoint: a damaged newer one
+    is skipped with a warning); local, on a shared mount or a URI."""
     location = Location(where)
     if (location / MANIFEST).is_file() or (location / WEIGHTS_FILE).is_file():
         return location
-    latest = latest_checkpoint(location, CHECKPOINT_PREFIX)
+    latest = newest_intact_checkpoint(location, CHECKPOINT_PREFIX)
     if latest is None:
         raise CheckpointError(f"no checkpoint found in {location.uri!r}: pass a run folder written by memtrain "
                               "pretrain or continual (it holds checkpoints/step_*) or a checkpoint folder")
@@ -140,12 +140,17 @@ def load_lm(where: str | os.PathLike | Location, device: str = "cpu") -> tuple[n
 
 
 def config_differences(saved: dict, current: dict, keys: list[str]) -> list[str]:
-    """Dotted ``keys`` whose values differ between two config dicts, as 'key: saved -> current' lines."""
+    """Dotted ``keys`` whose values differ between two config dicts, as 'key: saved -> current' lines; a differing
+    section is named field by field (ppo.lr: 0.0003 -> 0.001)."""
     out = []
     for key in keys:
         a, b = saved, current
         for part in key.split("."):
             a, b = (a or {}).get(part), (b or {}).get(part)
-        if a != b:
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{line}" for line in config_differences(a, b, sorted(set(a) | set(b)))]
+        else:
             out.append(f"{key}: {a!r} -> {b!r}")
     return out

@@ -56,11 +56,11 @@ from orchestration.continual_memory import EWC, ReplayBuffer, mix
 from orchestration.continual_metrics import cl_metrics, finite_or_none, matrix_csv, plot_knobs, plot_matrix
 from orchestration.continual_tasks import StreamConfig, TaskStream, build_stream
 from orchestration.data import DataConfig, WindowOrder
-from orchestration.errors import CheckpointError, ConfigError, StorageError
+from orchestration.errors import CheckpointError, ConfigError, StorageError, check_drill
 from orchestration.pretrain import param_groups
 from orchestration.ray_utils import add_address_arg
 from orchestration.storage import (CHECKPOINTS, METRICS_FILE, Location, MetricsLog, TensorBoardLog, copy_folder,
-                                   latest_checkpoint, local_copy, prune_checkpoints)
+                                   latest_checkpoint, local_copy, newest_intact_checkpoint, prune_checkpoints)
 from orchestration.tokenizers import TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,8 @@ class ContinualConfig:
     threads: int = 0
     """torch threads for this run (0 = torch's default)."""
     interrupt_at_step: int = 0
-    """Drill: stop the run (without a checkpoint) once this many steps are done, as a crash would (0 = never)."""
+    """Reliability drill (needs MEMTRAIN_DRILLS=1): stop the run (without a checkpoint) once this many steps are
+    done, as a crash would (0 = never)."""
 
     def __post_init__(self):
         for name in ("max_steps_per_task", "control_interval", "batch_size", "eval_windows", "eval_batch_size",
@@ -151,9 +152,10 @@ class ContinualConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "replay_capacity", "ewc_samples", "eval_k", "threads", "probe_rows",
-                     "interrupt_at_step"):
+                     "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_drill("interrupt_at_step", self.interrupt_at_step)
         if self.ewc_lambda < 0 or not 0 < self.ema_decay < 1 or self.lr <= 0:
             raise ConfigError(f"need ewc_lambda >= 0, 0 < ema_decay < 1 and lr > 0 (got {self.ewc_lambda}, "
                               f"{self.ema_decay}, {self.lr})")
@@ -513,8 +515,10 @@ def _check_resume_compatible(run: Location, cfg: ContinualConfig) -> None:
                               f"{'; '.join(diffs)}. Use the same settings, or a new --output")
 
 
-def finished_summary(run: Location) -> dict | None:
-    """The summary of a finished run in this folder, or None."""
+def finished_summary(run: Location, cfg: ContinualConfig) -> dict | None:
+    """The summary of a finished run of ``cfg`` in this folder, or None; a run with other settings there is refused
+    with the differences."""
+    _check_resume_compatible(run, cfg)
     try:
         summary = (run / "summary.json").read_json()
     except (FileNotFoundError, StorageError):
@@ -536,8 +540,8 @@ def run_continual(cfg: ContinualConfig, controller: Controller | None = None,
     cfg = dataclasses.replace(cfg, output=run.uri)
     controller = controller or resolve_controller(cfg.controller, cfg.fixed_knobs)
     _check_resume_compatible(run, cfg)
-    ckpt = latest_checkpoint(run, CHECKPOINT_PREFIX)
-    summary = finished_summary(run) if ckpt is not None else None
+    ckpt = newest_intact_checkpoint(run, CHECKPOINT_PREFIX)
+    summary = finished_summary(run, cfg) if ckpt is not None else None
     if summary is not None:
         log.info("%s is finished; its summary is %s", run, run / "summary.json")
         return summary

@@ -123,7 +123,7 @@ def run_grid(grid: GridConfig) -> list[dict]:
     summaries: dict[int, dict] = {}
     todo = []
     for i, run in enumerate(runs):
-        done = finished_summary(Location(run.cfg.output))
+        done = finished_summary(Location(run.cfg.output), run.cfg)
         if done is not None:
             summaries[i] = {**done, "grid_status": "skipped"}
         else:

@@ -17,3 +17,18 @@ class CheckpointError(MemtrainError, ValueError):
 class StorageError(MemtrainError):
     """A run path cannot be read or written (unreachable bucket, missing credentials, a node-local path on a
     multi-node cluster, a damaged file)."""
+
+
+DRILLS_ENV = "MEMTRAIN_DRILLS"
+
+
+def check_drill(name: str, value: int) -> None:
+    """Reliability drills (a worker that exits, an interrupted run) are test tools: a config that sets one is
+    refused unless MEMTRAIN_DRILLS=1, so nobody sets one by accident."""
+    import os
+
+    if value < 0:
+        raise ConfigError(f"{name} must be >= 0, got {value}")
+    if value and os.environ.get(DRILLS_ENV) != "1":
+        raise ConfigError(f"{name}={value} is a reliability drill (it crashes or interrupts the run on purpose); set "
+                          f"{DRILLS_ENV}=1 to run one, or leave {name} at 0")

@@ -103,8 +103,13 @@ class PipelineConfig:
     """Seed of the held-out continual-learning comparison (PPO trains on seeds from 0)."""
 
 
-def _finished_stage(stage: Location, max_steps: int) -> dict | None:
-    """The summary of a pretraining stage that already ran to ``max_steps`` (so a re-run skips it)."""
+def _finished_stage(stage: Location, cfg: PretrainConfig) -> dict | None:
+    """The summary of a pretraining stage that already ran to ``max_steps`` (so a re-run skips it); a stage run with
+    other model or data settings is refused with the differences (as resuming it would be)."""
+    from orchestration.pretrain import _check_resume_compatible
+
+    _check_resume_compatible(stage, cfg)
+    max_steps = cfg.max_steps
     try:
         summary = (stage / "summary.json").read_json()
     except (FileNotFoundError, StorageError):
@@ -116,17 +121,17 @@ def _stage_pretrain(cfg: PipelineConfig, out: Location) -> dict:
     from models.hmst.facts import FactWorld, write_corpus
     from orchestration.data import load_corpus
 
-    pre_cfg = dataclasses.replace(cfg.pretrain, output=(out / "pretrain").uri)
-    pre = _finished_stage(out / "pretrain", pre_cfg.max_steps)
+    corpus = out / "facts" / "corpus.jsonl"
+    pre_cfg = dataclasses.replace(cfg.pretrain, output=(out / "pretrain").uri,
+                                  data=dataclasses.replace(cfg.pretrain.data, source=corpus.uri))
+    pre = _finished_stage(out / "pretrain", pre_cfg)
     if pre:
         log.info("stage 1/7: pretraining already finished at step %d (%s)", pre["step"], out / "pretrain")
         return pre
-    corpus = out / "facts" / "corpus.jsonl"
     if not corpus.is_file():
         natural = load_corpus(cfg.pretrain.data).splits["train"]
         with staged(out / "facts") as folder:
             write_corpus(FactWorld(cfg.facts), natural, folder / corpus.name)
-    pre_cfg.data = dataclasses.replace(pre_cfg.data, source=corpus.uri)
     log.info("stage 1/7: pretraining %s with %d Ray Train workers on %s", cfg.pretrain.model, cfg.pretrain.workers,
              corpus)
     return pretrain(pre_cfg)
@@ -212,8 +217,10 @@ def _stage_meta(cfg: PipelineConfig, out: Location) -> tuple[dict, list[dict]]:
     log.info("stage 4/7: PPO for the HMST meta-controller (%d iterations)", cfg.meta_iterations)
     env_config = _meta_env_config(cfg, out)
     ppo = PPOSettings(train_batch_size=cfg.meta_batch, minibatch_size=max(4, cfg.meta_batch // 4), num_epochs=4)
+    # trust_checkpoint: a re-run resumes the RLlib checkpoints this pipeline wrote into its own folder
     summary = train_ppo(RLTrainConfig(env="meta", env_config=env_config, output=(out / "rl-meta").uri,
-                                      iterations=cfg.meta_iterations, checkpoint_every=cfg.meta_iterations, ppo=ppo))
+                                      iterations=cfg.meta_iterations, checkpoint_every=cfg.meta_iterations, ppo=ppo,
+                                      trust_checkpoint=True))
     policies = {"learned": LearnedPolicy.load(out / "rl-meta" / "policy"), **baseline_policies(env_config)}
     rows = evaluate("meta", env_config, policies, seeds=[cfg.continual_seed, cfg.continual_seed + 1],
                     episodes=cfg.meta_eval_episodes)
@@ -228,7 +235,8 @@ def _stage_thermo(cfg: PipelineConfig, out: Location) -> dict:
     ppo = PPOSettings(use_lstm=True, lstm_cell_size=32, max_seq_len=seq, fcnet_hiddens=[32],
                       train_batch_size=cfg.thermo_batch, minibatch_size=max(seq, cfg.thermo_batch // 4), num_epochs=4)
     return train_ppo(RLTrainConfig(env="thermo", env_config=cfg.thermo_env, output=(out / "rl-thermo").uri,
-                                   iterations=cfg.thermo_iterations, checkpoint_every=cfg.thermo_iterations, ppo=ppo))
+                                   iterations=cfg.thermo_iterations, checkpoint_every=cfg.thermo_iterations, ppo=ppo,
+                                   trust_checkpoint=True))
 
 
 def _stage_continual(cfg: PipelineConfig, out: Location) -> dict[str, dict]:

@@ -41,10 +41,10 @@ from orchestration.checkpoint import (CHECKPOINT_PREFIX, TRAINER_STATE_FILE, Tra
                                       load_training_checkpoint, save_training_checkpoint)
 from orchestration.config import ConfigError, to_yaml
 from orchestration.data import DataConfig, PreparedData, TokenWindows, WindowOrder, check_source, prepare_data
-from orchestration.errors import CheckpointError, DataError
+from orchestration.errors import CheckpointError, DataError, MemtrainError, check_drill
 from orchestration.flops import measure_matmul_peak
 from orchestration.storage import (CHECKPOINTS, METRICS_FILE, Location, MetricsLog, TensorBoardLog, latest_checkpoint,
-                                   ray_storage, read_metrics, require_shared)
+                                   newest_intact_checkpoint, ray_storage, read_metrics, require_shared)
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ class PretrainConfig:
     max_failures: int = 2
     """Worker-group restarts Ray Train may do after a worker dies (each restarts from the newest checkpoint)."""
     fail_at_step: int = 0
-    """Reliability drill: the last worker's process exits at this step, once per run directory (0 = never)."""
+    """Reliability drill (needs MEMTRAIN_DRILLS=1): the last worker's process exits at this step, once per run
+    folder (0 = never)."""
     init_checkpoint: str = ""
     """Start a new run from this checkpoint (a checkpoint folder, or a run folder for its newest one; local,
     shared or a URI): its
@@ -128,8 +129,18 @@ class PretrainConfig:
                      "checkpoint_every", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.cpus_per_worker <= 0:
-            raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        for name in ("max_tokens", "warmup_steps", "early_stop_patience", "max_failures", "weight_decay", "grad_clip",
+                     "gpus_per_worker"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.cpus_per_worker <= 0 or self.lr <= 0:
+            raise ConfigError(f"cpus_per_worker and lr must be > 0, got {self.cpus_per_worker} and {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1) (AdamW's moment decay), got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check_drill("fail_at_step", self.fail_at_step)
 
 
 # --- the worker loop --------------------------------------------------------------------------------------------
@@ -196,14 +207,15 @@ def evaluate(model, windows: TokenWindows, cfg: PretrainConfig, rank: int, world
 def _starting_checkpoint(cfg: PretrainConfig, rank: int, world: int) -> tuple[str, bool]:
     """(URI of the checkpoint to start from, whether it is the run's own), or ("", False) for a fresh start.
 
-    The run's own newest complete checkpoint in storage comes first (a resume, a restart after a lost worker),
-    then ``init_checkpoint``. Storage is the record rather than Ray Train's own: a node that dies after uploading
-    a checkpoint but before Ray Train registered it leaves a complete checkpoint only storage knows about. Rank 0
-    decides and the others follow, so every rank starts from the same one.
+    The run's own newest intact checkpoint in storage comes first (a resume, a restart after a lost worker; a
+    damaged newer one is skipped with a warning naming it), then ``init_checkpoint``. Storage is the record rather
+    than Ray Train's own: a node that dies after uploading a checkpoint but before Ray Train registered it leaves a
+    complete checkpoint only storage knows about. Rank 0 decides and the others follow, so every rank starts from
+    the same one.
     """
     choice = [("", False)]
     if rank == 0:
-        own = latest_checkpoint(Location(cfg.output), CHECKPOINT_PREFIX)
+        own = newest_intact_checkpoint(Location(cfg.output), CHECKPOINT_PREFIX)
         choice = [(own.location.uri, True) if own else (cfg.init_checkpoint, False)]
     if world > 1:
         torch.distributed.broadcast_object_list(choice, src=0)
@@ -460,11 +472,11 @@ def _check_resume_compatible(run: Location, cfg: PretrainConfig) -> None:
 
 
 def make_trainer(cfg: PretrainConfig, data: PreparedData, run: Location, callbacks: list,
-                 controller_failure_limit: int = -1):
+                 controller_failure_limit: int = 2):
     """The TorchTrainer of one pretraining run: ``train_worker`` on ``cfg.workers`` workers (NCCL on GPUs, gloo on
     CPUs), Train's storage in the run folder (``<output>/checkpoints``, so a re-run resumes from its newest
     checkpoint), and ``callbacks`` receiving the workers' reports. ``controller_failure_limit`` bounds how often a
-    worker group that cannot start is retried (-1: without limit)."""
+    worker group that cannot start (no room for it within RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) is retried."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -533,12 +545,27 @@ def pretrain(cfg: PretrainConfig) -> dict:
                               f"max_steps={cfg.max_steps} leaves nothing to train; raise max_steps")
         cfg = dataclasses.replace(cfg, init_checkpoint=path)
     (run / "config.yaml").write_text(to_yaml(cfg))
-    result = make_trainer(cfg, data, run, [_make_metrics_sink(run)]).fit()
+    result = fit(make_trainer(cfg, data, run, [_make_metrics_sink(run)]), cfg)
     checkpoint = (run / CHECKPOINTS / Path(result.checkpoint.path).name).uri if result.checkpoint else None
     summary = summarize(run, checkpoint, time.time() - started)
     print(f"[memtrain] done: final eval loss {summary.get('final_eval_loss')}, checkpoint {summary['checkpoint']}, "
           f"summary {run / 'summary.json'}", flush=True)
     return summary
+
+
+def fit(trainer, cfg: PretrainConfig):
+    """``trainer.fit()``, with a worker group that never got its resources reported as what it is."""
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.ControllerError as exc:
+        asked = f"{cfg.workers} worker(s) x {cfg.cpus_per_worker:g} CPU" + (
+            f" + {cfg.gpus_per_worker:g} GPU" if cfg.gpus_per_worker else "")
+        raise MemtrainError(f"the training workers could not start ({asked}): {str(exc).splitlines()[0][:300]}. The "
+                            "cluster has no room for them (a GPU asked for where there is none?), or its autoscaler "
+                            "added no node within RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; lower workers, "
+                            "cpus_per_worker or gpus_per_worker, or give the cluster the nodes") from None
 
 
 def summarize(run: Location, checkpoint: str | None, wall_s: float) -> dict:

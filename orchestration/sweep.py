@@ -56,7 +56,7 @@ import yaml
 
 from orchestration.checkpoint import TRAINER_STATE_FILE
 from orchestration.config import _valid_keys, from_dict, load_config, to_yaml
-from orchestration.errors import ConfigError, MemtrainError
+from orchestration.errors import ConfigError, MemtrainError, check_drill
 from orchestration.pretrain import RESUME_KEYS, PretrainConfig, check_enough_windows, has_checkpoints
 from orchestration.ray_utils import add_address_arg
 from orchestration.storage import CHECKPOINTS, METRICS_FILE, Location, MetricsLog, ray_storage, read_metrics
@@ -142,16 +142,20 @@ class SweepConfig:
     seed: int = 0
     """Seed of the search-space sampling (each trial's training seed is pretrain.seed unless searched)."""
     interrupt_after_trials: int = 0
-    """Reliability drill: interrupt the sweep like Ctrl+C once this many trials finished, once per sweep
-    folder (0 = never); re-running the command resumes it."""
+    """Reliability drill (needs MEMTRAIN_DRILLS=1): interrupt the sweep like Ctrl+C once this many trials
+    finished, once per sweep folder (0 = never); re-running the command resumes it."""
+    trust_checkpoint: bool = False
+    """Restore an unfinished sweep from the output folder's Tune state. It holds pickles, and loading a pickle runs
+    whatever code it names: set this only for sweep folders you wrote, never for one you were handed."""
 
     def __post_init__(self):
         if self.kind not in TRIAL_KINDS:
             raise ConfigError(f"kind must be one of {', '.join(TRIAL_KINDS)}, got {self.kind!r}")
         if self.mode not in ("min", "max"):
             raise ConfigError(f"mode must be min or max, got {self.mode!r}")
-        if self.num_samples < 1 or self.max_concurrent_trials < 0 or self.interrupt_after_trials < 0:
-            raise ConfigError("num_samples must be >= 1, max_concurrent_trials and interrupt_after_trials >= 0")
+        if self.num_samples < 1 or self.max_concurrent_trials < 0 or self.trial_start_retries < 0:
+            raise ConfigError("num_samples must be >= 1, max_concurrent_trials and trial_start_retries >= 0")
+        check_drill("interrupt_after_trials", self.interrupt_after_trials)
         if self.driver_cpus <= 0:
             raise ConfigError(f"driver_cpus must be > 0 (Tune cannot reserve nothing), got {self.driver_cpus}; "
                               "0.01 is plenty")
@@ -497,7 +501,7 @@ def _concurrency(cfg: SweepConfig) -> int:
 def _resolved_sweep(cfg: SweepConfig) -> dict:
     """The settings that define the experiment (a restore must match them); output and the drill may differ."""
     values = dataclasses.asdict(cfg)
-    for key in ("output", "interrupt_after_trials", "max_concurrent_trials"):
+    for key in ("output", "interrupt_after_trials", "max_concurrent_trials", "trust_checkpoint"):
         values.pop(key)
     values["pretrain"].pop("output")
     return values
@@ -532,6 +536,10 @@ def sweep(cfg: SweepConfig) -> list[dict]:
     restoring = (experiment / "tuner.pkl").is_file()
     if restoring:
         _check_restorable(sweep_dir, cfg)
+        if not cfg.trust_checkpoint:
+            raise ConfigError(f"{sweep_dir} holds an unfinished sweep; restoring it loads Tune's pickles, which run "
+                              "whatever code they name. If you wrote this sweep folder, resume with "
+                              "trust_checkpoint=true; otherwise use a new output")
     ensure_ray()
     require_shared(sweep_dir, "output")  # trials on every node write their runs there
     (sweep_dir / "sweep.yaml").write_text(to_yaml(cfg))

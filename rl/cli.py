@@ -21,6 +21,8 @@ def _cmd_train(args) -> int:
         flags["output"] = args.output
     if args.env_runners is not None:
         flags["num_env_runners"] = args.env_runners
+    if args.trust_checkpoint:
+        flags["trust_checkpoint"] = True
     summary = train_ppo(load_config(RLTrainConfig, args.config, args.overrides, **flags))
     print(f"[memtrain rl] done: {summary['iterations']} iterations, return {summary['first_return']} -> "
           f"{summary['final_return']}; policy {summary['policy']}")
@@ -38,6 +40,9 @@ def baseline_policies(env: str, env_config: dict) -> dict:
 
 
 def _cmd_eval(args) -> int:
+    if args.seeds < 1 or args.episodes < 1:
+        raise RLError(f"--seeds and --episodes must be >= 1 (a mean and its interval need episodes), got "
+                      f"{args.seeds} and {args.episodes}")
     from orchestration.ray_utils import ensure_ray
     from orchestration.storage import Location
     from rl.evaluate import evaluate, write_report
@@ -99,6 +104,9 @@ def register(subparsers) -> None:
     train.add_argument("--iterations", type=int)
     train.add_argument("--output")
     train.add_argument("--env-runners", dest="env_runners", type=int, help="remote env runners (0 = in the driver)")
+    train.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
+                       help="resume from the --output folder's RLlib checkpoints: they are pickles, which run code "
+                            "when loaded; only for run folders you wrote")
     train.add_argument("--config", help="YAML config (see configs/rl/)")
     add_address_arg(train)
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. ppo.lr=1e-4 env_config.tasks=3")

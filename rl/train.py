@@ -13,6 +13,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -22,7 +23,8 @@ from typing import Any
 from orchestration.config import to_yaml
 from orchestration.errors import ConfigError
 from orchestration.storage import (CHECKPOINTS, METRICS_FILE, Location, MetricsLog, TensorBoardLog, copy_folder,
-                                   latest_checkpoint, local_copy, prune_checkpoints, staged)
+                                   latest_checkpoint, local_copy, newest_intact_checkpoint, prune_checkpoints, staged)
+from rl.errors import RLError
 from rl.policy import export_policy
 
 CHECKPOINT_PREFIX = "iter_"  # checkpoints/iter_0004: the PPO iteration
@@ -59,6 +61,25 @@ class PPOSettings:
     max_seq_len: int = 16
     """BPTT length of the LSTM."""
 
+    def __post_init__(self):
+        for name in ("lr", "clip_param"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ppo.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("gamma", "lambda_"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"ppo.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("entropy_coeff", "vf_loss_coeff"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ppo.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("train_batch_size", "minibatch_size", "num_epochs", "lstm_cell_size", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
+        if self.minibatch_size > self.train_batch_size:
+            raise ConfigError(f"ppo.minibatch_size ({self.minibatch_size}) must not exceed ppo.train_batch_size "
+                              f"({self.train_batch_size})")
+        if not self.fcnet_hiddens or min(self.fcnet_hiddens) < 1:
+            raise ConfigError(f"ppo.fcnet_hiddens must be a non-empty list of sizes >= 1, got {self.fcnet_hiddens}")
+
 
 @dataclass
 class RLTrainConfig:
@@ -84,6 +105,9 @@ class RLTrainConfig:
     """Seed of RLlib and the env."""
     ppo: PPOSettings = field(default_factory=PPOSettings)
     """PPO hyperparameters."""
+    trust_checkpoint: bool = False
+    """Resume from the run folder's RLlib checkpoints. They hold pickles, and loading a pickle runs whatever code it
+    names: set this only for run folders you (or the pipeline) wrote, never for one you were handed."""
 
     def __post_init__(self):
         for name in ("iterations", "checkpoint_every", "keep_checkpoints"):
@@ -139,11 +163,13 @@ def train_ppo(cfg: RLTrainConfig) -> dict:
     from orchestration.ray_utils import ensure_ray
 
     run = Location(cfg.output)
+    latest = newest_intact_checkpoint(run, CHECKPOINT_PREFIX)
+    if latest:
+        _check_resumable(run, cfg, latest)
     (run / "config.yaml").write_text(to_yaml(cfg))
     ensure_ray()
     algo = build_ppo_config(cfg).build_algo()
     metrics = MetricsLog(run / METRICS_FILE)
-    latest = latest_checkpoint(run, CHECKPOINT_PREFIX)
     if latest:  # our own checkpoint (RLlib's format holds pickles: only restore run folders you wrote)
         with local_copy(latest.location) as path:
             algo.restore(str(path))
@@ -175,6 +201,30 @@ def train_ppo(cfg: RLTrainConfig) -> dict:
     summary.update(first_return=returns[0] if returns else None, final_return=returns[-1] if returns else None)
     (run / "summary.json").write_json(summary)
     return summary
+
+
+# settings a resumed run may change; the rest must match the run it continues
+RESUMABLE_CHANGES = ("output", "iterations", "checkpoint_every", "keep_checkpoints", "num_env_runners", "num_learners",
+                     "num_gpus_per_learner", "trust_checkpoint")
+
+
+def _check_resumable(run: Location, cfg: RLTrainConfig, latest) -> None:
+    """Before anything is loaded: the folder's run must have this config (but for RESUMABLE_CHANGES), and its
+    pickled checkpoints must be trusted explicitly."""
+    from orchestration.checkpoint import config_differences
+
+    saved = run / "config.yaml"
+    if saved.is_file():
+        current = dataclasses.asdict(cfg)
+        diffs = config_differences(saved.read_yaml() or {}, current,
+                                   [k for k in current if k not in RESUMABLE_CHANGES])
+        if diffs:
+            raise RLError(f"{run} holds a PPO run with other settings, so it cannot be resumed: {'; '.join(diffs)}. "
+                          "Use the same settings, or a new --output")
+    if not cfg.trust_checkpoint:
+        raise RLError(f"{run} holds RLlib checkpoints ({latest.location.name}); resuming loads their pickles, which "
+                      "run whatever code they name. If you wrote this run folder, resume with --trust-checkpoint "
+                      "(trust_checkpoint=true); otherwise use a new --output")
 
 
 def _checkpoint(algo, cfg: RLTrainConfig, run: Location) -> None:

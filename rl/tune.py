@@ -48,6 +48,9 @@ class PPOTuneConfig:
     """Train batch sizes to try (grid; empty = base.ppo.train_batch_size only)."""
     max_concurrent_trials: int = 2
     """Trials at once (each takes 1 CPU plus one per remote env runner)."""
+    trust_checkpoint: bool = False
+    """Restore an interrupted sweep from the output folder's Tune state, which holds pickles (they run whatever code
+    they name): only for sweep folders you wrote."""
 
     def __post_init__(self):
         if self.iterations < 1 or self.max_concurrent_trials < 1:
@@ -74,6 +77,10 @@ def tune_ppo(cfg: PPOTuneConfig) -> list[dict]:
         train_batch_size_per_learner=tune.grid_search(cfg.train_batch_size or [cfg.base.ppo.train_batch_size]))
     experiment = out / "tune"
     if (experiment / "tuner.pkl").is_file():
+        if not cfg.trust_checkpoint:
+            raise ConfigError(f"{out} holds an interrupted sweep; restoring it loads Tune's pickles, which run whatever "
+                              "code they name. If you wrote this folder, resume with trust_checkpoint=true; otherwise "
+                              "use a new --output")
         log.info("restoring the interrupted sweep in %s", experiment)
         where = ray_storage(experiment)
         tuner = tune.Tuner.restore(where["storage_path"], trainable=ppo.algo_class, resume_errored=True,

@@ -13,6 +13,7 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MEMTRAIN_DRILLS", "1")  # the tests run the reliability drills (fail_at_step, ...)
 
 
 @pytest.fixture(scope="session")

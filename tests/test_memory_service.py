@@ -543,3 +543,29 @@ def test_a_write_the_backup_did_not_take_is_not_acknowledged_and_a_retry_complet
     other = MemoryConfig.from_dict({**config.to_dict(), "path": str(tmp_path / "node-b")})
     with LocalMemory(other) as mem:
         assert mem.stats()["count"] == 4 and [t for t, _ in mem.get([2, 3])] == ["c", "d"]
+
+
+def test_a_failure_after_the_commit_leaves_the_memory_consistent(tmp_path, monkeypatch):
+    """FAISS failing to take an add the store already committed (e.g. out of memory while retraining IVF) must not
+    wedge the memory: it reloads from disk, holds the add, and names the real cause."""
+    from memory_service.index import VectorIndex
+
+    mem = LocalMemory(MemoryConfig(dim=4, metric="l2", path=str(tmp_path)))
+    ones_ND = np.ones((1, 4), np.float32)
+    mem.add(ones_ND, ["a"])
+    real_add, failures = VectorIndex.add, []
+
+    def add_failing_once(index, ids_N, vectors_ND):
+        if not failures:
+            failures.append(ids_N)
+            raise MemoryError("cannot allocate the IVF training buffer")
+        return real_add(index, ids_N, vectors_ND)
+
+    monkeypatch.setattr(VectorIndex, "add", add_failing_once)
+    with pytest.raises(MemoryServiceError, match=r"the add of ids 1\.\.1 was stored, but applying it to the FAISS "
+                                                  r"index failed \(MemoryError: cannot allocate"):
+        mem.add(2 * ones_ND, ["b"], key="k")
+    assert mem.add(2 * ones_ND, ["b"], key="k").tolist() == [1]  # it is there; the retry returns its id
+    assert mem.add(3 * ones_ND, ["c"]).tolist() == [2]  # and later adds go on (no primary-key wedge)
+    assert mem.search(np.vstack([ones_ND, 2 * ones_ND, 3 * ones_ND]), k=1).ids_QK[:, 0].tolist() == [0, 1, 2]
+    mem.close()

@@ -1,13 +1,14 @@
 """Ray Train pretraining end to end on a real local cluster: loss falls, resume is exact, a dead worker recovers."""
 
 import json
+import re
 
 import pytest
 
 from orchestration.checkpoint import find_checkpoint, load_training_checkpoint
 from orchestration.cli import main
 from orchestration.config import load_config
-from orchestration.errors import CheckpointError, ConfigError
+from orchestration.errors import CheckpointError, ConfigError, MemtrainError
 from orchestration.pretrain import PretrainConfig, pretrain
 from orchestration.storage import read_metrics
 
@@ -126,3 +127,43 @@ def test_bad_inputs_give_clear_errors(uninterrupted, tmp_path, shard_cache, caps
         load_training_checkpoint(broken, build_model("tgsmn-dense-tiny", vocab_size=512, n_layers=2, d_model=64,
                                                      d_ff=128))
     assert "corrupt" in error_of("generate", "--checkpoint", str(broken), "--prompt", "x")
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_on_resume(ray_session, tmp_path, shard_cache):
+    first = pretrain(small(tmp_path, shard_cache, "max_steps=20"))
+    newest = tmp_path / "checkpoints" / "step_000020" / "model.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-100:] = bytes(100)  # same size, other bytes: only the checksum tells
+    newest.write_bytes(bytes(data))
+    ended = max(r["time"] for r in read_metrics(tmp_path))
+    summary = pretrain(small(tmp_path, shard_cache, "max_steps=30"))
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 5, 10, 15, 20, 25, 30] and summary["step"] == 30
+    # it went on from step 10, the newest intact checkpoint: steps 15 and 20 were trained again
+    assert min(r["time"] for r in rows if r["step"] > 10) > ended >= max(r["time"] for r in rows if r["step"] <= 10)
+    assert trainer_state(tmp_path)["samples"] == 30 * SAMPLES_PER_STEP and first["step"] == 20
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lr=0", "lr must be > 0"), ("weight_decay=-0.1", "weight_decay must be >= 0"),
+    ("beta2=1.0", r"beta2 must be in \[0, 1\)"), ("max_tokens=-5", "max_tokens must be >= 0"),
+    ("early_stop_patience=-1", "early_stop_patience must be >= 0"), ("grad_clip=-1", "grad_clip must be >= 0"),
+    ("gpus_per_worker=-1", "gpus_per_worker must be >= 0"), ("data.max_documents=-3", "max_documents must be >= 0"),
+])
+def test_bad_numbers_are_refused_before_anything_starts(tmp_path, capsys, override, message):
+    assert main(["pretrain", "--output", str(tmp_path / "run"), override]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_drills_need_the_drills_switch(monkeypatch):
+    monkeypatch.delenv("MEMTRAIN_DRILLS", raising=False)
+    with pytest.raises(ConfigError, match=r"fail_at_step=5 is a reliability drill .* MEMTRAIN_DRILLS=1"):
+        load_config(PretrainConfig, overrides=["fail_at_step=5"])
+
+
+def test_workers_that_can_never_start_fail_with_a_clear_error(ray_session, tmp_path, shard_cache, monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3")  # Ray Train passes it on to its controller
+    with pytest.raises(MemtrainError, match=r"training workers could not start \(2 worker\(s\) x 1 CPU \+ 1 GPU\).*"
+                                            r"no room for them"):
+        pretrain(small(tmp_path, shard_cache, "max_steps=5", "gpus_per_worker=1"))  # this machine has no GPU

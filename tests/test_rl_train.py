@@ -18,8 +18,13 @@ def test_train_resume_and_export(ray_session, tmp_path):
     cfg = load_config(RLTrainConfig, overrides=["env=CartPole-v1", "iterations=1", f"output={tmp_path}", *TINY])
     first = train_ppo(cfg)
     assert first["iterations"] == 1 and (tmp_path / "checkpoints" / "iter_0001").is_dir()
+    with pytest.raises(RLError, match=r"holds RLlib checkpoints \(iter_0001\); resuming loads their pickles"):
+        train_ppo(load_config(RLTrainConfig, overrides=["env=CartPole-v1", "iterations=2", f"output={tmp_path}", *TINY]))
+    with pytest.raises(RLError, match=r"other settings, so it cannot be resumed: ppo.lr: 0.0003 -> 0.001"):
+        train_ppo(load_config(RLTrainConfig, overrides=["env=CartPole-v1", "iterations=2", f"output={tmp_path}",
+                                                        "trust_checkpoint=true", "ppo.lr=1e-3", *TINY]))
     second = train_ppo(load_config(RLTrainConfig, overrides=["env=CartPole-v1", "iterations=2",
-                                                             f"output={tmp_path}", *TINY]))
+                                                             f"output={tmp_path}", "trust_checkpoint=true", *TINY]))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2] and second["iterations"] == 2
     assert {"episode_return_mean", "env_steps_per_s", "policy_loss", "action_mean/action_0"} <= set(rows[-1])

@@ -104,7 +104,9 @@ def test_interrupted_sweep_restores_and_ranks_every_trial(ray_session, tmp_path)
     assert (out / ".drill_interrupted").exists()
     assert sum(s in ("completed", "stopped early") for s in statuses) < 4  # the drill cut it short
 
-    rows = sweep(cfg)  # the same command again: Tuner.restore picks it up
+    with pytest.raises(ConfigError, match="restoring it loads Tune's pickles"):
+        sweep(cfg)  # a sweep folder's pickles are loaded only when trusted
+    rows = sweep(dataclasses.replace(cfg, trust_checkpoint=True))  # the same command again: Tuner.restore
     assert len(rows) == 4 and all(r["status"] in ("completed", "stopped early") for r in rows)
     assert sorted(r["lr"] for r in rows) == [3e-4, 1e-3, 3e-3, 1e-2]
     losses = [r["eval_loss"] for r in rows]

@@ -22,11 +22,12 @@ from orchestration.storage.bundles import BundleRef, build_bundle, fetch_bundle,
 from orchestration.storage.cluster import require_shared
 from orchestration.storage.location import Location, is_uri, ray_storage
 from orchestration.storage.runfiles import (CHECKPOINTS, MANIFEST, METRICS_FILE, MetricsLog, StoredCheckpoint,
-                                            TensorBoardLog, copy_folder, latest_checkpoint, list_checkpoints,
-                                            local_copy, prune_checkpoints, read_manifest, read_metrics, staged,
-                                            write_manifest)
+                                            TensorBoardLog, copy_folder, damaged_in_storage, latest_checkpoint,
+                                            list_checkpoints, local_copy, newest_intact_checkpoint, prune_checkpoints,
+                                            read_manifest, read_metrics, staged, write_manifest)
 
-__all__ = ["BundleRef", "CHECKPOINTS", "Location", "MANIFEST", "METRICS_FILE", "MetricsLog", "StorageError", "StoredCheckpoint",
-           "TensorBoardLog", "build_bundle", "copy_folder", "fetch_bundle", "is_uri", "latest_checkpoint",
-           "list_checkpoints", "local_copy", "prune_checkpoints", "publish_bundle", "ray_storage", "read_manifest",
-           "read_metrics", "require_shared", "staged", "write_manifest"]
+__all__ = ["BundleRef", "CHECKPOINTS", "Location", "MANIFEST", "METRICS_FILE", "MetricsLog", "StorageError",
+           "StoredCheckpoint", "TensorBoardLog", "build_bundle", "copy_folder", "damaged_in_storage", "fetch_bundle",
+           "is_uri", "latest_checkpoint", "list_checkpoints", "local_copy", "newest_intact_checkpoint",
+           "prune_checkpoints", "publish_bundle", "ray_storage", "read_manifest", "read_metrics", "require_shared",
+           "staged", "write_manifest"]

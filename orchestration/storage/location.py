@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
@@ -294,6 +295,16 @@ class Location:
 
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")
+
+    def sha256(self) -> tuple[str, int]:
+        """(SHA-256 hex digest, size in bytes) of the file, read in chunks (a large file never whole in memory)."""
+        digest, size = hashlib.sha256(), 0
+        with _errors("read", self.uri), (open(self.uri, "rb") if self.is_local
+                                         else self.fs.open_input_stream(self.fs_path)) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+                size += len(chunk)
+        return digest.hexdigest(), size
 
     def read_json(self) -> Any:
         try:

@@ -158,6 +158,35 @@ def latest_checkpoint(run: Location, prefix: str) -> StoredCheckpoint | None:
     return None
 
 
+def damaged_in_storage(location: Location) -> list[str]:
+    """Files of a folder in storage that are missing or differ from its manifest ([] when it is intact); reads
+    every file once, where it is stored."""
+    manifest = read_manifest(location)
+    if manifest is None:
+        return [MANIFEST]
+    bad = []
+    for rel, entry in manifest["files"].items():
+        try:
+            digest, size = (location / rel).sha256()
+        except FileNotFoundError:
+            digest, size = "", -1
+        if size != entry["size"] or digest != entry["sha256"]:
+            bad.append(rel)
+    return bad
+
+
+def newest_intact_checkpoint(run: Location, prefix: str) -> StoredCheckpoint | None:
+    """The newest complete checkpoint whose files all match their manifest; a damaged newer one is skipped with a
+    warning that names it (a resume then continues from the previous one instead of failing on it)."""
+    for checkpoint in reversed(list_checkpoints(run, prefix)):
+        bad = damaged_in_storage(checkpoint.location)
+        if not bad:
+            return checkpoint
+        log.warning("checkpoint %s is damaged (%s missing or not what was written); trying the one before it",
+                    checkpoint.location, ", ".join(bad))
+    return None
+
+
 def prune_checkpoints(run: Location, prefix: str, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints, and the incomplete folders older than the newest
     complete one (left by a crash mid-write)."""

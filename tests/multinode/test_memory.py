@@ -128,7 +128,7 @@ def test_the_meta_controller_trains_with_a_remote_env_runner_and_resumes_from_th
         facts = FactWorld(FactConfig(n_entities=12)).by_placement("semantic")
         assert memory.stats()["count"] == len(facts) and memory.stats()["node_id"] == cluster.head.node_id
         assert latest_checkpoint(Location(run), "iter_").step == 2 and (Location(run) / "policy" / "policy.json").is_file()
-        second = cluster.run("rl", "train", "meta", "--iterations", "3", *common, timeout=600)
+        second = cluster.run("rl", "train", "meta", "--iterations", "3", "--trust-checkpoint", *common, timeout=600)
         assert "resumed PPO from" in second.stdout and "iter_0002" in second.stdout
         assert [r["iteration"] for r in read_metrics(run)] == [1, 2, 3]
         memory.shutdown(snapshot=False)

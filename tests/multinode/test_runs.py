@@ -82,6 +82,15 @@ def test_pretrain_to_a_shared_mount_spreads_workers_over_nodes_and_resumes(clust
     assert steps == sorted(set(steps)) and steps[-1] == 30
     assert trainer_state(run)["samples"] == 30 * 2 * 8
     assert generated(cluster, run, "step_000030").startswith("The")
+    # a damaged newest checkpoint (same size, other bytes) is skipped, with a warning that names it
+    weights = cluster.shared_dir / "runs" / "pretrain" / "checkpoints" / "step_000030" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)
+    weights.write_bytes(bytes(data))
+    again = cluster.run("pretrain", "--data", "builtin", "--workers", "2", "--max-steps", "40", "--output", run,
+                        "cpus_per_worker=1.5", "checkpoint_every=10", *SMALL)
+    assert re.search(r"checkpoint \S*step_000030 is damaged \(model.safetensors", again.stdout), again.stdout[-3000:]
+    assert "resumed from step 20" in again.stdout and steps_of(run)[-1] == 40
 
 
 def test_a_killed_worker_node_is_replaced_and_the_run_resumes_from_the_bucket(cluster, storage):
