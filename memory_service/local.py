@@ -25,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import hashlib
 import itertools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -48,6 +50,24 @@ from memory_service.validation import check_ids, check_k, check_key, check_metad
 
 # Searches with fewer queries than this run FAISS on one thread.
 SMALL_BATCH = 8
+
+log = logging.getLogger(__name__)
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Hit(NamedTuple):
@@ -195,11 +215,16 @@ class LocalMemory:
         self._backed_up_seq = 0  # the newest log record the backup holds (as a record or inside its snapshot)
         self._restored: dict | None = None  # what the last open rebuilt from the backup
         self._backup_is_new = False
+        self._damaged_snapshot = 0  # a current snapshot found damaged at open (recovered from the previous one)
         os.makedirs(os.path.join(self.directory, "snapshots"), exist_ok=True)
         self._lock_file = self._take_directory_lock()
         try:
             self._restore_from_backup()
             self._open()
+            if self._damaged_snapshot:  # recovered from the previous snapshot: write a good current one now
+                with self._writer:
+                    self._snapshot_locked()
+                self._damaged_snapshot = 0
             if self._backup_is_new and self._snapshot_seq:
                 # a memory given a backup later: its log no longer holds what its snapshot covers
                 with self._writer:
@@ -245,7 +270,7 @@ class LocalMemory:
         self._next_id = counters["next_id"]
         self._evicted_total = counters["evicted_total"]
         self._removed_total = counters["removed_total"]
-        self._snapshot_seq = counters["snapshot_seq"]
+        self._snapshot_seq = self._usable_snapshot()
         index_file = self._snapshot_file("index", self._snapshot_seq)
         self._index = (VectorIndex.load(self.config, index_file) if self._snapshot_seq
                        else VectorIndex(self.config))
@@ -360,13 +385,32 @@ class LocalMemory:
         backup.delete([f"snapshots/{name}" for name in backup.names("snapshots", folders=True)
                        if name != f"{seq:012d}"], folders=True)
 
+    def _usable_snapshot(self) -> int:
+        """The sequence number of the snapshot to load: the current one when its index file has the recorded
+        SHA-256, else the previous one (the log still holds everything after it), else none (the whole log)."""
+        snap = self._store.snapshots()
+        for seq, sha256 in ((snap["seq"], snap["sha256"]), (snap["previous_seq"], snap["previous_sha256"])):
+            if not seq:
+                return 0
+            path = self._snapshot_file("index", seq)
+            if os.path.exists(path) and (not sha256 or _file_sha256(path) == sha256):  # no sha256: made before them
+                if seq != snap["seq"]:
+                    self._damaged_snapshot = snap["seq"]
+                return seq
+            log.warning("memory %s: snapshot %d is damaged or missing (%s); recovering from the snapshot before it "
+                        "and the log", self.directory, seq, path)
+        raise MemoryServiceError(f"both snapshots of the memory at {self.directory} ({snap['seq']} and "
+                                 f"{snap['previous_seq']}) are damaged or missing, and the log only goes back to the "
+                                 "older one; restore the folder from a backup (MemoryConfig.backup)")
+
     def _snapshot_file(self, kind: str, seq: int) -> str:
         suffix = "faiss" if kind == "index" else "npy"
         return os.path.join(self.directory, "snapshots", f"{kind}-{seq:012d}.{suffix}")
 
     def _remove_stale_snapshot_files(self) -> None:
-        """Files of older snapshots, and of a newer one a crash left unrecorded, are not needed."""
-        keep = {self._snapshot_file("index", self._snapshot_seq), self._snapshot_file("lru", self._snapshot_seq)}
+        """Files of snapshots older than the previous one, and of a newer one a crash left unrecorded, are not needed."""
+        snap = self._store.snapshots()
+        keep = {self._snapshot_file(kind, seq) for seq in (snap["seq"], snap["previous_seq"]) for kind in ("index", "lru")}
         for file in glob.glob(os.path.join(self.directory, "snapshots", "*")):
             if file not in keep:
                 os.remove(file)
@@ -598,7 +642,9 @@ class LocalMemory:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(lru_file + ".tmp", lru_file)
-            self._store.mark_snapshot(seq)  # the commit point: before it, recovery uses the previous snapshot
+            sha256 = _file_sha256(self._snapshot_file("index", seq))
+            _fsync_dir(os.path.join(self.directory, "snapshots"))  # the renamed files' entries too
+            self._store.mark_snapshot(seq, sha256)  # the commit point: before it, recovery uses the previous snapshot
             self._snapshot_seq = seq
             self._logged_vectors = 0
             if self._backup is not None:
@@ -607,8 +653,14 @@ class LocalMemory:
         return {"snapshot_seq": seq, "count": self._count, "seconds": round(time.perf_counter() - started, 4)}
 
     def _maybe_auto_snapshot(self) -> None:
+        """A snapshot once the log holds snapshot_every vectors. Its failure (a full disk) fails no write: the write
+        is durable in the log already, so this warns and tries again after the next write."""
         if not self._ephemeral and self.config.snapshot_every and self._logged_vectors >= self.config.snapshot_every:
-            self._snapshot_locked()
+            try:
+                self._snapshot_locked()
+            except (OSError, RuntimeError, MemoryServiceError) as exc:
+                log.warning("memory %s: automatic snapshot failed (%s: %s); the log still holds every write, the "
+                            "snapshot is tried again after the next write", self.directory, type(exc).__name__, exc)
 
     def restore(self) -> dict:
         """Drop the in-memory state and reload it from disk (last snapshot + log), as after a crash; with a backup,

@@ -256,12 +256,29 @@ class Store:
             mirror.text_I[ids_N] = None
             mirror.meta_I[ids_N] = None
 
-    def mark_snapshot(self, seq: int) -> None:
-        """The snapshot file for `seq` is on disk: drop the log it covers, and all but the newest idempotency keys."""
+    def mark_snapshot(self, seq: int, sha256: str) -> None:
+        """The snapshot file for `seq` (with this SHA-256) is on disk: it becomes the current snapshot, the one before
+        it the previous, and the log drops what the previous one covers (so a damaged current snapshot can still be
+        rebuilt from the previous one plus the log); all but the newest idempotency keys go too."""
+        snap = self.snapshots()
+        # a snapshot again at the current seq (replacing a damaged file) keeps the older one as the previous
+        previous_seq, previous_sha = ((snap["seq"], snap["sha256"]) if snap["seq"] != seq
+                                      else (snap["previous_seq"], snap["previous_sha256"]))
         with self._transaction():
             self._set_counters({"snapshot_seq": seq})
-            self._writer.execute("DELETE FROM wal WHERE seq <= ?", (seq,))
+            self._writer.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", [
+                ("snapshot_sha256", sha256), ("previous_snapshot_seq", str(previous_seq)),
+                ("previous_snapshot_sha256", previous_sha)])
+            self._writer.execute("DELETE FROM wal WHERE seq <= ?", (previous_seq,))
             self._writer.execute("DELETE FROM keys WHERE rowid <= (SELECT MAX(rowid) FROM keys) - ?", (KEPT_KEYS,))
+
+    def snapshots(self) -> dict:
+        """The current and previous snapshot: {"seq", "sha256", "previous_seq", "previous_sha256"} ("" = unknown)."""
+        state = dict(self._writer.execute("SELECT key, value FROM state WHERE key IN ('snapshot_seq', "
+                                          "'snapshot_sha256', 'previous_snapshot_seq', 'previous_snapshot_sha256')"))
+        return {"seq": int(state.get("snapshot_seq", 0)), "sha256": state.get("snapshot_sha256", ""),
+                "previous_seq": int(state.get("previous_snapshot_seq", 0)),
+                "previous_sha256": state.get("previous_snapshot_sha256", "")}
 
     def _delete_entries(self, ids_N: np.ndarray) -> None:
         self._writer.executemany("DELETE FROM entries WHERE id = ?", ((i,) for i in ids_N.tolist()))

@@ -381,6 +381,8 @@ def train_worker(loop_config: dict) -> None:
                 save_training_checkpoint(tmp, raw_model, cfg.model, optimizer, state, tokenizer_json, to_yaml(cfg))
                 ckpt = Checkpoint.from_directory(tmp)
             report(metrics, checkpoint=ckpt, name=checkpoint_name(state.step) if write_checkpoint else None)
+            if ckpt is not None:  # Ray Train copied it to the run's storage; on a disk, make that copy durable
+                (Location(cfg.output) / CHECKPOINTS / checkpoint_name(state.step)).fsync()
             if write_checkpoint:
                 window_start = time.perf_counter()
 

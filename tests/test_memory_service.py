@@ -569,3 +569,28 @@ def test_a_failure_after_the_commit_leaves_the_memory_consistent(tmp_path, monke
     assert mem.add(3 * ones_ND, ["c"]).tolist() == [2]  # and later adds go on (no primary-key wedge)
     assert mem.search(np.vstack([ones_ND, 2 * ones_ND, 3 * ones_ND]), k=1).ids_QK[:, 0].tolist() == [0, 1, 2]
     mem.close()
+
+
+def test_a_damaged_snapshot_is_recovered_from_the_previous_one_and_the_log(tmp_path, caplog):
+    config = MemoryConfig(dim=8, metric="l2", path=str(tmp_path), snapshot_every=0)
+    vectors_ND = np.random.default_rng(4).standard_normal((30, 8)).astype(np.float32)
+    with LocalMemory(config) as mem:
+        mem.add(vectors_ND[:10], [f"v{i}" for i in range(10)])
+        mem.snapshot()
+        mem.add(vectors_ND[10:20], [f"v{i}" for i in range(10, 20)])
+        current = mem.snapshot()["snapshot_seq"]
+        mem.add(vectors_ND[20:], [f"v{i}" for i in range(20, 30)])
+    index_file = tmp_path / "snapshots" / f"index-{current:012d}.faiss"
+    data = bytearray(index_file.read_bytes())
+    data[-64:] = bytes(64)  # same size, other bytes
+    index_file.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="memory_service.local"), LocalMemory(config) as mem:
+        assert f"snapshot {current} is damaged or missing" in caplog.text
+        assert mem.search(vectors_ND, k=1).ids_QK[:, 0].tolist() == list(range(30))  # nothing acknowledged lost
+        assert mem.stats()["snapshot_seq"] >= current  # and a good current snapshot was written at once
+    with LocalMemory(config) as mem:  # the next open finds it intact
+        assert mem.search(vectors_ND, k=1).ids_QK[:, 0].tolist() == list(range(30))
+    for seq in (int(p.stem.split("-")[1]) for p in (tmp_path / "snapshots").glob("index-*.faiss")):
+        (tmp_path / "snapshots" / f"index-{seq:012d}.faiss").write_bytes(b"not an index")
+    with pytest.raises(MemoryServiceError, match="both snapshots of the memory .* are damaged or missing"):
+        LocalMemory(config)

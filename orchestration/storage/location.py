@@ -121,15 +121,19 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def _write_local(path: str, data: bytes) -> None:
-    """Durable atomic replace: a reader or a crash (power loss included) sees the old file or the new one."""
+def _write_local(path: str, data, fsync_dir: bool = True) -> None:
+    """Durable atomic replace: a reader or a crash (power loss included) sees the old file or the new one. ``data``
+    is bytes or an open binary file (copied in chunks, never whole in memory)."""
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                f.write(data)
+            else:
+                shutil.copyfileobj(data, f, length=16 * 1024 * 1024)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -137,7 +141,8 @@ def _write_local(path: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    if fsync_dir:
+        _fsync_dir(directory)
 
 
 class Location:
@@ -363,6 +368,22 @@ class Location:
                 f.flush()
                 os.fsync(f.fileno())
 
+    def fsync(self) -> None:
+        """Make a local file or folder (every file and folder in it) durable, as written by another program (Ray
+        Train's checkpoint upload). Object stores are durable once an upload returns: nothing to do there."""
+        if not self.is_local or not os.path.exists(self.uri):
+            return
+        files, folders = [self.uri], [os.path.dirname(self.uri)]
+        if os.path.isdir(self.uri):
+            files = [os.path.join(root, n) for root, _, names in os.walk(self.uri) for n in names]
+            folders += [root for root, _, _ in os.walk(self.uri)]
+        with _errors("sync", self.uri):
+            for path in files:
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+            for folder in folders:
+                _fsync_dir(folder)
+
     def mkdir(self) -> None:
         """Create the folder and its parents (object stores have no folders: nothing to do there)."""
         if self.is_local:
@@ -393,29 +414,25 @@ class Location:
     # --- copying between this node's disk and the location -------------------------------------------------------
 
     def upload(self, source: str | os.PathLike, exclude: tuple[str, ...] = ()) -> None:
-        """Copy a local file to this location, or the files of a local folder into this folder (merged with
-        what is there; durable once this returns); top-level names in ``exclude`` are left out."""
+        """Copy a local file to this location, or the files of a local folder into this folder (merged with what is
+        there); each file is replaced atomically, and all are durable once this returns. Top-level names in
+        ``exclude`` are left out."""
         source = os.fspath(source)
         if os.path.isfile(source):
-            with open(source, "rb") as f:
-                self.write_bytes(f.read())
-            return
+            files = {"": source}
+        else:
+            files = {rel: os.path.join(source, rel) for rel in sorted(_local_files(source))
+                     if rel.split("/", 1)[0] not in exclude}
         touched = set()
-        for rel in sorted(_local_files(source)):
-            if rel.split("/", 1)[0] in exclude:
-                continue
-            target = self / rel
-            with open(os.path.join(source, rel), "rb") as f, _errors("write", target.uri):
+        for rel, path in files.items():
+            target = self / rel if rel else self
+            with open(path, "rb") as f, _errors("write", target.uri):
                 if self.is_local:
-                    os.makedirs(os.path.dirname(target.uri), exist_ok=True)
-                    with open(target.uri, "wb") as out:
-                        shutil.copyfileobj(f, out, length=16 * 1024 * 1024)
-                        out.flush()
-                        os.fsync(out.fileno())
+                    _write_local(target.uri, f, fsync_dir=False)
                     touched.add(os.path.dirname(target.uri))
                 else:
                     target._stream_from(f)
-        for directory in sorted(touched):
+        for directory in sorted(touched):  # once per folder, not per file
             _fsync_dir(directory)
 
     def _stream_from(self, f) -> None:

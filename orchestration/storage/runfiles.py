@@ -232,12 +232,8 @@ def local_copy(location: Location, verify: bool = True) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def staged(location: Location) -> Iterator[Path]:
-    """A local folder whose files end up in the folder ``location``: the folder itself when it is local, else a
-    temporary one uploaded when the block ends without an error."""
-    if location.is_local:
-        location.mkdir()
-        yield location.local_path
-        return
+    """A local temporary folder whose files are copied into the folder ``location`` when the block ends without an
+    error: each file replaced atomically and durably, wherever ``location`` is."""
     tmp = tempfile.mkdtemp(prefix="memtrain-stage-")
     try:
         yield Path(tmp)
