@@ -26,12 +26,14 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import importlib
 import json
 import os
 import resource
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,8 +57,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def baseline_thl_model(rev: str):
     """THLModel class of models/thl at git revision ``rev``, imported as a separate package next to the current one."""
     package = f"thl_baseline_{rev}"
-    target = os.path.join(tempfile.gettempdir(), "thl_baseline", package)
-    os.makedirs(target, exist_ok=True)
+    # a folder of this process's own (removed at exit): nobody else can put modules where we import from
+    root = tempfile.mkdtemp(prefix="thl-baseline-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    target = os.path.join(root, package)
+    os.makedirs(target)
     for name in ("__init__", "config", "memory", "model", "recurrence"):
         shown = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:models/thl/{name}.py"], capture_output=True,
                                text=True)

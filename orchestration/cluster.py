@@ -9,7 +9,10 @@ minutes of provisioning. This module runs Ray's own preparation and JSON-schema 
 - cloud clusters have at least one GPU worker type with ``max_workers`` > 0;
 - nothing binds or opens to the internet: no ``0.0.0.0`` anywhere in the prepared config (Ray's provider
   defaults start the dashboard with ``--dashboard-host=0.0.0.0`` unless the YAML overrides the start commands);
-- Ray's token authentication stays on: every ``ray start`` sets ``RAY_AUTH_MODE=token``.
+- the nodes' network is the user's: on AWS every node type names its security groups (``SecurityGroupIds``;
+  the group Ray's launcher would create opens SSH to 0.0.0.0/0), on GCP every node type names its subnetwork
+  (``networkInterfaces``; the default network lets every VM of the project reach the cluster's ports);
+- Ray's token authentication stays on: every ``ray start`` command sets ``RAY_AUTH_MODE=token``.
 
 Example::
 
@@ -78,6 +81,22 @@ def _is_gpu_type(node_type: dict, provider: str) -> bool:
     return False
 
 
+def _check_network(path: Path, provider: str, node_types: dict) -> None:
+    """The nodes must sit in a network the user controls (see the module docstring and cluster/README.md)."""
+    field, why = {
+        "aws": ("SecurityGroupIds", "the security group Ray's launcher creates otherwise opens SSH to 0.0.0.0/0; make "
+                "one that allows SSH only from your network and all traffic within the group"),
+        "gcp": ("networkInterfaces", "on the default network every VM of the project reaches the cluster's ports; "
+                "make a network whose firewall allows SSH only from your network and the rest only within it"),
+    }.get(provider, (None, None))
+    if field is None:
+        return
+    missing = sorted(name for name, t in node_types.items() if field not in t.get("node_config", {}))
+    if missing:
+        raise ConfigError(f"{path}: node type(s) {', '.join(missing)} name no {field}: {why}, and name it in every "
+                          "node type's node_config (cluster/README.md shows the commands)")
+
+
 def validate_cluster_yaml(path: str | os.PathLike) -> dict:
     """Check one cluster YAML offline; returns a short summary, raises ConfigError naming the problem and fix."""
     path = Path(path)
@@ -103,13 +122,14 @@ def validate_cluster_yaml(path: str | os.PathLike) -> dict:
     starts = {"head_start_ray_commands": full.get("head_start_ray_commands", []),
               "worker_start_ray_commands": full.get("worker_start_ray_commands", [])}
     for key, commands in starts.items():
-        text = " ".join(commands)
-        if "RAY_AUTH_MODE=disabled" in text or "ray start" in text and "RAY_AUTH_MODE=token" not in text:
-            raise ConfigError(f"{path}: {key} must start Ray with token authentication: prefix `ray start` with "
-                              "RAY_AUTH_MODE=token and mount the token (file_mounts '~/.ray/auth_token')")
+        for i, command in enumerate(commands):  # each command on its own: one with the token proves nothing
+            if "RAY_AUTH_MODE=disabled" in command or "ray start" in command and "RAY_AUTH_MODE=token" not in command:
+                raise ConfigError(f"{path}: {key}[{i}] must start Ray with token authentication: prefix its `ray start` "
+                                  "with RAY_AUTH_MODE=token and mount the token (file_mounts '~/.ray/auth_token')")
 
     head_type = full["head_node_type"]
     node_types = full["available_node_types"]
+    _check_network(path, provider, raw.get("available_node_types", {}))
     if provider == "local":  # one internal node type: the head's CPUs are set on its `ray start`
         if not re.search(r"--num-cpus[= ]0\b", " ".join(starts["head_start_ray_commands"])):
             raise ConfigError(f"{path}: the head must run no training: add --num-cpus=0 to its `ray start` in "

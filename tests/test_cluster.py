@@ -49,11 +49,23 @@ def _open_dashboard(cfg):
     (lambda c: c["available_node_types"]["head_cpu"]["resources"].pop("CPU"), r"must run no training: set `resources: \{CPU: 0\}`"),
     (lambda c: [c["available_node_types"].pop(k) for k in ("gpu_1x_a10g", "gpu_4x_a10g")], r"no GPU worker type"),
     (lambda c: c.update(worker_start_ray_commands=["ray start --address=$RAY_HEAD_IP:6379"]),
-     r"worker_start_ray_commands must start Ray with token authentication"),
+     r"worker_start_ray_commands\[0\] must start Ray with token authentication"),
+    # one command with the token proves nothing for the other
+    (lambda c: c.update(worker_start_ray_commands=["RAY_AUTH_MODE=token ray stop", "ray start --address=h:6379"]),
+     r"worker_start_ray_commands\[1\] must start Ray with token authentication"),
+    (lambda c: c["available_node_types"]["gpu_4x_a10g"]["node_config"].pop("SecurityGroupIds"),
+     r"gpu_4x_a10g name no SecurityGroupIds: the security group Ray's launcher creates otherwise opens SSH to "
+     r"0.0.0.0/0"),
 ])
 def test_bad_yaml_is_refused_with_the_fix(tmp_path, edit, message):
     with pytest.raises(ConfigError, match=message):
         validate_cluster_yaml(_variant(tmp_path, edit))
+
+
+def test_gcp_nodes_must_sit_in_a_network_of_their_own(tmp_path):
+    with pytest.raises(ConfigError, match=r"head_cpu name no networkInterfaces: on the default network every VM"):
+        validate_cluster_yaml(_variant(tmp_path, lambda c: c["available_node_types"]["head_cpu"]["node_config"]
+                                       .pop("networkInterfaces"), base="gcp"))
 
 
 def test_onprem_head_must_have_no_cpus(tmp_path):
