@@ -218,11 +218,15 @@ def test_tiny_run_on_builtin_writes_every_output(tmp_path):
     assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "model.json", "state.pt", "runner.json"}
     assert _strict(run / "summary.json") == summary
     assert summary["steps"] == 12 and len(summary["final_test_losses"]) == 3
-    for key in ("avg_final_loss", "avg_final_perplexity", "forgetting", "backward_transfer", "forward_transfer"):
-        assert isinstance(summary[key], float)
     assert summary["train_flops"] > 0 and summary["tokens"] == 12 * 4 * 16
     lines = (run / "eval_matrix.csv").read_text().splitlines()
     assert lines[0] == "after,permuted-0,permuted-1,permuted-2" and lines[1].startswith("init,") and len(lines) == 5
+    # the summary's metrics are those of the evaluation matrix the run wrote (init row = untrained baseline)
+    table = np.array([[float(v) for v in line.split(",")[1:]] for line in lines[1:]])
+    assert summary["final_test_losses"] == pytest.approx(table[-1].tolist(), abs=1e-5)
+    expected = cl_metrics(table[1:], baseline=table[0])
+    for key in ("avg_final_loss", "avg_final_perplexity", "forgetting", "backward_transfer", "forward_transfer"):
+        assert summary[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-4), key
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["kind"] == "interval" for r in rows) == 6 and sum(r["kind"] == "eval" for r in rows) == 3
     assert run_continual(cfg) == summary  # a finished run is not redone

@@ -5,6 +5,7 @@ import json
 import gymnasium as gym
 import numpy as np
 import pytest
+import yaml
 
 from orchestration.config import load_config
 from rl.errors import RLError
@@ -18,6 +19,7 @@ def test_train_resume_and_export(ray_session, tmp_path):
     cfg = load_config(RLTrainConfig, overrides=["env=CartPole-v1", "iterations=1", f"output={tmp_path}", *TINY])
     first = train_ppo(cfg)
     assert first["iterations"] == 1 and (tmp_path / "checkpoints" / "iter_0001").is_dir()
+    first_rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     with pytest.raises(RLError, match=r"holds RLlib checkpoints \(iter_0001\); resuming loads their pickles"):
         train_ppo(load_config(RLTrainConfig, overrides=["env=CartPole-v1", "iterations=2", f"output={tmp_path}", *TINY]))
     with pytest.raises(RLError, match=r"other settings, so it cannot be resumed: ppo.lr: 0.0003 -> 0.001"):
@@ -27,6 +29,8 @@ def test_train_resume_and_export(ray_session, tmp_path):
                                                              f"output={tmp_path}", "trust_checkpoint=true", *TINY]))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2] and second["iterations"] == 2
+    # it went on from iteration 1 (restored, not trained again from scratch): that row is the first run's
+    assert rows[0] == first_rows[0] and rows[1]["env_steps"] > rows[0]["env_steps"]
     assert {"episode_return_mean", "env_steps_per_s", "policy_loss", "action_mean/action_0"} <= set(rows[-1])
     policy = LearnedPolicy.load(tmp_path / "policy")
     obs, _ = gym.make("CartPole-v1").reset(seed=0)
@@ -69,9 +73,21 @@ def test_ppo_hyperparameter_sweep_ranks_trials(ray_session, tmp_path):
     from rl.tune import PPOTuneConfig, tune_ppo
 
     cfg = load_config(PPOTuneConfig, overrides=[
-        "base.env=CartPole-v1", *[f"base.{o}" for o in TINY], "iterations=1", "lr=[1e-3,1e-4]",
+        "base.env=CartPole-v1", *[f"base.{o}" for o in TINY], "iterations=2", "lr=[1e-3,1e-4]",
         "entropy_coeff=[0.0]", f"output={tmp_path}"])
     rows = tune_ppo(cfg)
     assert len(rows) == 2 and {r["lr"] for r in rows} == {1e-3, 1e-4} and all(r["error"] is None for r in rows)
-    assert rows[0]["return_mean"] >= rows[1]["return_mean"]
-    assert (tmp_path / "results.md").is_file() and "lr" in (tmp_path / "best.yaml").read_text()
+    # each trial's own results, as Tune logged them in its folder (one line per PPO iteration)
+    own_return = {}
+    for row in rows:
+        results = [json.loads(line) for line in (tmp_path / "tune" / row["trial"] / "result.json").read_text()
+                   .splitlines()]
+        assert [r["training_iteration"] for r in results] == [1, 2] and row["iterations"] == 2
+        assert results[-1]["config"]["lr"] == row["lr"]
+        own_return[row["trial"]] = results[-1]["env_runners"]["episode_return_mean"]  # the last iteration's
+        assert row["return_mean"] == pytest.approx(own_return[row["trial"]])
+    # ranked by those returns, highest first; best.yaml holds the winner's hyperparameters
+    assert [r["trial"] for r in rows] == sorted(own_return, key=own_return.get, reverse=True)
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())["ppo"]
+    assert best["lr"] == rows[0]["lr"] and best["entropy_coeff"] == 0.0
+    assert rows[0]["trial"] in (tmp_path / "results.md").read_text().splitlines()[4]

@@ -109,16 +109,24 @@ def test_interrupted_sweep_restores_and_ranks_every_trial(ray_session, tmp_path)
     rows = sweep(dataclasses.replace(cfg, trust_checkpoint=True))  # the same command again: Tuner.restore
     assert len(rows) == 4 and all(r["status"] in ("completed", "stopped early") for r in rows)
     assert sorted(r["lr"] for r in rows) == [3e-4, 1e-3, 3e-3, 1e-2]
-    losses = [r["eval_loss"] for r in rows]
-    assert losses == sorted(losses) and [r["rank"] for r in rows] == [1, 2, 3, 4]
     assert any(r["status"] == "completed" and r["step"] == 20 for r in rows)
+    own_loss = {}
     for row in rows:  # every trial directory is a pretraining run directory whose steps never go back
-        steps = [r["step"] for r in read_metrics(row["run_dir"])]
+        metrics = read_metrics(row["run_dir"])
+        steps = [r["step"] for r in metrics]
         # (a trial ASHA stopped may train a little further while Tune tears it down)
         assert steps == sorted(steps) and steps[-1] >= row["step"] and steps.count(0) == 1
+        assert load_config(PretrainConfig, Path(row["run_dir"]) / "config.yaml").lr == row["lr"]
+        # the trial's eval loss as its workers wrote it: the newest evaluation up to the step Tune last saw
+        evals = [r["eval_loss"] for r in metrics if "eval_loss" in r and r["step"] <= row["step"]]
+        own_loss[row["trial_id"]] = evals[-1]
+        assert row["eval_loss"] == pytest.approx(own_loss[row["trial_id"]])
+    # ranked by those losses, lowest first, in the returned rows and in results.csv
+    assert [r["trial_id"] for r in rows] == sorted(own_loss, key=own_loss.get)
     with (out / "results.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert [t["trial_id"] for t in table] == [r["trial_id"] for r in rows]
+    assert [(t["rank"], t["trial_id"]) for t in table] == [(str(i), t) for i, t in
+                                                           enumerate(sorted(own_loss, key=own_loss.get), 1)]
     assert rows[0]["trial_id"] in (out / "results.md").read_text().splitlines()[4]
     best = load_config(PretrainConfig, out / "best_config.yaml")
     assert best.lr == rows[0]["lr"] and best.output == str(out / "best")
@@ -130,13 +138,19 @@ def test_two_trial_fifo_sweep_ranks_trials_and_writes_results(ray_session, tmp_p
     rows = sweep(tiny_sweep(out, str(tmp_path / "shards"), "search.lr={grid: [1.0e-4, 1.0e-2]}",
                             "scheduler.name=fifo", "pretrain.max_steps=10"))
     assert [r["status"] for r in rows] == ["completed", "completed"] and all(r["step"] == 10 for r in rows)
-    assert rows[0]["lr"] == 1e-2 and rows[0]["eval_loss"] < rows[1]["eval_loss"]  # 100x the lr learns faster
-    assert (out / "results.md").is_file() and load_config(PretrainConfig, out / "best_config.yaml").lr == 1e-2
     # every trial directory is a pretraining run directory: metrics, checkpoints, shared tokenizer
+    final_loss = {}
     for row in rows:
         run = Path(row["run_dir"])
-        assert read_metrics(run)[-1]["step"] == 10 and (run / "checkpoints").is_dir()
+        metrics = read_metrics(run)
+        assert metrics[-1]["step"] == 10 and (run / "checkpoints").is_dir()
         assert (run / "tokenizer.json").read_text() == (out / "tokenizer.json").read_text()
+        assert load_config(PretrainConfig, run / "config.yaml").lr == row["lr"]
+        final_loss[row["lr"]] = [r["eval_loss"] for r in metrics if "eval_loss" in r][-1]
+        assert row["eval_loss"] == pytest.approx(final_loss[row["lr"]])
+    assert final_loss[1e-2] < final_loss[1e-4]  # by the trials' own metrics, 100x the lr learns faster
+    assert rows[0]["lr"] == 1e-2 and (out / "results.md").is_file()  # so it is ranked first
+    assert load_config(PretrainConfig, out / "best_config.yaml").lr == 1e-2
 
 
 @pytest.mark.slow
