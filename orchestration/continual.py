@@ -602,7 +602,10 @@ def _finish(run: Location, cfg: ContinualConfig, runner: ContinualRunner, names:
     all_rows = MetricsLog(run / METRICS_FILE).rows()
     rows = [r for r in all_rows if r["kind"] == "interval"]
     switches = [r["step"] for r in all_rows if r["kind"] == "eval"][:-1]
-    plot_knobs(rows, switches, run / "knobs.png")
+    knobs = cfg.fixed_knobs
+    title = (f"fixed knobs: k {knobs.k}, replay {knobs.replay_ratio:g}, noise {knobs.router_noise:g}, temperature "
+             f"{knobs.router_temperature:g}" if cfg.controller == "fixed" else f"knobs set by controller {cfg.controller}")
+    plot_knobs(rows, switches, run / "knobs.png", title)
     summary = {
         "status": "finished",
         "model": cfg.model, "benchmark": cfg.stream.benchmark, "controller": cfg.controller, "seed": cfg.seed,

@@ -78,8 +78,10 @@ def plot_matrix(matrix: list[list[float]], task_names: list[str], baseline: list
     return save_png(fig, out_png)
 
 
-def plot_knobs(rows: list[dict], task_steps: list[int], out_png: str | os.PathLike | Location) -> Location:
-    """Training loss and the four knobs against the global step; dotted lines mark task switches."""
+def plot_knobs(rows: list[dict], task_steps: list[int], out_png: str | os.PathLike | Location,
+               title: str = "") -> Location:
+    """Training loss and the four knobs against the global step; dotted lines mark task switches; ``title`` says
+    which controller set them."""
     plt = pyplot()
     panels = [("loss", "loss (new data)"), ("k", "k"), ("replay_ratio", "replay ratio"),
               ("router_noise", "router noise"), ("router_temperature", "router temperature")]
@@ -92,6 +94,8 @@ def plot_knobs(rows: list[dict], task_steps: list[int], out_png: str | os.PathLi
         for s in task_steps:
             ax.axvline(s, color="grey", linestyle=":", linewidth=0.8)
     axes[-1].set_xlabel("training step")
+    if title:
+        axes[0].set_title(title, fontsize=9)
     return save_png(fig, out_png)
 
 

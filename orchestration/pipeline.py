@@ -1,19 +1,26 @@
-"""``memtrain pipeline``: the system end to end on a local Ray cluster, with a report at the end.
+"""``memtrain pipeline``: the system end to end on a local Ray cluster, with a report that says what it shows.
 
 Stages (each one is skipped or resumed when the pipeline is re-run into the same output directory):
 
-1. pretrain ``hmst-tiny`` with Ray Train (2 DDP workers) on the fact-recall corpus (offline built-in natural text
-   mixed with fact statements and context-copy examples);
+1. pretrain an HMST model with Ray Train (2 DDP workers) on the fact-recall corpus (natural text mixed with
+   fact statements and context-copy examples), long enough that it learns to copy a fact from its context;
 2. sample text from its final checkpoint through the KV-cache generator;
-3. fill the shared semantic memory (the named FAISS memory actor) with the semantic-placement facts and measure
-   retrieval through it;
-4. train the HMST meta-controller with RLlib PPO against the engine (the env reaches the memory actor by name),
-   then evaluate the learned policy against the fixed baselines;
-5. train the TG-SMN thermodynamic controller with RLlib PPO (LSTM policy) on a continual-learning stream;
-6. run a held-out continual-learning stream with the fixed (source default) and the learned controller;
-7. write ``report.md``, ``plots/`` and ``summary.json``.
+3. fill the shared semantic memory (the named FAISS memory actor) with the semantic-placement facts (which never
+   appear in the pretraining corpus) and ask every one of their questions with semantic retrieval off and on:
+   exact match with 95% intervals over the questions;
+4. train the HMST meta-controller with RLlib PPO on sessions about the training entities;
+5. evaluate it on sessions about held-out entities (through the memory actor, several seeds) against the named
+   fixed policies and every fixed setting of the five gates; the best fixed setting is the baseline;
+6. train the TG-SMN thermodynamic controller with RLlib PPO (LSTM policy) on training task streams, and search the
+   fixed knob grid on the same streams;
+7. evaluate the learned and the best fixed knobs on held-out task streams (other ``task_seed``s: new
+   permutations), and run one held-out stream with each to plot the knobs they set;
+8. write ``report.md``, ``plots/`` and ``summary.json``; every comparison says whether it is significant at 95%.
 
 ``output`` may be a local folder, a folder every node mounts, or a URI: every stage writes its run folder there.
+
+Profiles: ``quick`` (a few steps of every stage: a smoke run, it shows nothing), ``default`` (about 10 minutes on 2
+CPU cores) and ``full`` (longer runs of every stage: several hours; see ``PROFILES``).
 
 Like the CLI, this module sits on top of the others (it drives ``rl``), so its imports of ``rl`` are local.
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +41,7 @@ import torch
 from models.hmst.facts import FactConfig
 from orchestration.checkpoint import load_lm
 from orchestration.config import to_yaml
+from orchestration.data import DataConfig
 from orchestration.errors import MemtrainError, StorageError
 from orchestration.pretrain import PretrainConfig, pretrain
 from orchestration.report import markdown_table, plot_loss_curves, pyplot, save_png
@@ -41,30 +50,67 @@ from orchestration.storage import Location, read_metrics, require_shared, staged
 log = logging.getLogger(__name__)
 
 MEMORY_NAMESPACE = "memtrain"
+STAGES = 8
+# evaluation stages whose results are kept in <output>/stages/<name>.json and reused by a re-run with the same settings
+RECORDED_STAGES = ("memory", "meta_eval", "thermo_eval")
 
-# the --quick profile: a few steps of every stage, for tests and a first look
-QUICK_OVERRIDES = ["pretrain.max_steps=30", "pretrain.eval_every=10", "pretrain.checkpoint_every=30",
-                   "pretrain.log_every=10", "pretrain.model_overrides.n_layers=3", "pretrain.model_overrides.d_model=128",
-                   "pretrain.data.seq_len=64", "pretrain.data.vocab_size=1024", "facts.copy_examples=400",
-                   "facts.natural_fraction=0.05", "facts.n_entities=30", "meta_iterations=1", "meta_batch=8",
-                   "meta_env.queries=4", "meta_eval_episodes=1", "thermo_iterations=1", "thermo_batch=16",
-                   "thermo_env.continual.stream.n_tasks=2", "thermo_env.continual.max_steps_per_task=8",
-                   "thermo_env.continual.control_interval=4", "thermo_env.continual.eval_windows=4",
-                   "thermo_env.continual.data.max_documents=200"]
+PROFILES: dict[str, list[str]] = {
+    # a few steps of every stage, for tests and a first look: the model does not learn to copy, nothing is shown
+    "quick": ["pretrain.max_steps=30", "pretrain.eval_every=10", "pretrain.checkpoint_every=30",
+              "pretrain.log_every=10", "pretrain.model_overrides.n_layers=3", "pretrain.model_overrides.d_model=128",
+              "pretrain.data.seq_len=64", "pretrain.data.vocab_size=1024", "facts.copy_examples=400",
+              "facts.n_entities=30", "meta_iterations=1", "meta_batch=8", "meta_env.queries=4",
+              "meta_eval_seeds=2", "meta_eval_episodes=1", "meta_grid=false", "thermo_iterations=1",
+              "thermo_batch=16", "thermo_env.continual.stream.n_tasks=2",
+              "thermo_env.continual.max_steps_per_task=8", "thermo_env.continual.control_interval=4",
+              "thermo_env.continual.eval_windows=4", "thermo_env.continual.data.max_documents=200",
+              "thermo_grid.replay=[0.0,0.3]", "thermo_grid.noise=[0.3]", "thermo_grid.temperature=[1.0]",
+              "thermo_heldout_streams=2"],
+    # the defaults below: every claim shown in under 15 minutes on 2 CPU cores
+    "default": [],
+    # longer runs: hmst-tiny on the harder corpus (distractor facts in the contexts, more natural text), longer
+    # PPO, more seeds, 8-task streams with drift (several hours on 2 cores)
+    "full": ["pretrain.model=hmst-tiny", "pretrain.max_steps=2400", "facts.distractors=2", "facts.natural_fraction=0.2",
+             "meta_iterations=160", "meta_batch=240", "meta_eval_seeds=8", "meta_eval_episodes=4",
+             "thermo_iterations=16", "thermo_env.continual.stream.n_tasks=8", "thermo_env.continual.stream.perm_mode=drift",
+             "thermo_heldout_streams=8"],
+}
 
 
 @dataclass
 class PipelinePretrainConfig(PretrainConfig):
     """The pretraining stage: PretrainConfig with defaults sized for the pipeline's 15-minute budget on 2 cores."""
-    model: str = "hmst-tiny"
+    model: str = "hmst-micro"
     """Registry preset to pretrain (an HMST preset: the memory and meta-controller stages run its engine)."""
-    max_steps: int = 300
-    """Optimizer steps (copying from context, which makes semantic retrieval pay, needs ~1,400: see
-    bench/bench_hmst_facts.py; the pipeline shows the system working within its time budget)."""
+    max_steps: int = 800
+    """Optimizer steps. Copying a value from the context (what makes semantic retrieval pay) is learnt in a sudden
+    phase change: on the pipeline's fact corpus (one fact per context line) hmst-micro copies retrieved facts after
+    about 500 steps of 16 x 128 tokens (exact match 0.99); with distractor facts in the context lines it takes
+    1,300-2,000 steps and does not always happen."""
     batch_size: int = 8
     """Sequences per worker per micro-step."""
+    eval_every: int = 100
+    """Optimizer steps between held-out evaluations."""
+    checkpoint_every: int = 400
+    """Optimizer steps between checkpoints."""
+    log_every: int = 50
+    """Optimizer steps between training log lines."""
     precision: str = "bf16"
     """fp32, or bf16 (autocast; about 4x the fp32 matmul throughput on this class of CPU)."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(vocab_size=1024))
+    """The natural text mixed into the fact corpus and the tokenizer (a 1,024-token BPE keeps the fact values
+    whole and the output layer small)."""
+
+
+@dataclass
+class KnobGrid:
+    """The fixed knob settings searched for the best fixed thermodynamic controller (k is always 1..k_max)."""
+    replay: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5])
+    """Replay ratios."""
+    noise: list[float] = field(default_factory=lambda: [0.0, 0.3])
+    """Router noise levels."""
+    temperature: list[float] = field(default_factory=lambda: [0.7, 1.3])
+    """Router temperatures."""
 
 
 @dataclass
@@ -75,32 +121,50 @@ class PipelineConfig:
     pretrain: PipelinePretrainConfig = field(default_factory=PipelinePretrainConfig)
     """The pretraining stage (its output is set to <output>/pretrain; its data.source is the natural text mixed
     into the fact corpus, which the stage writes to <output>/facts/corpus.jsonl and trains on)."""
-    facts: FactConfig = field(default_factory=FactConfig)
-    """The fact world: its corpus is pretrained on, its semantic facts fill the memory, the meta env asks them."""
+    facts: FactConfig = field(default_factory=lambda: FactConfig(natural_fraction=0.05, distractors=0))
+    """The fact world: its corpus is pretrained on, its semantic facts fill the memory, the meta env asks them. A
+    small natural-text share and context lines of one fact each (what semantic retrieval with semantic_k=1 gives the
+    model) bring the copying phase change forward from about 1,300 to about 500 steps."""
     memory_name: str = ""
     """Name of the shared semantic memory actor (namespace "memtrain"; its data lives in <output>/memory, or in
     ~/.cache/memtrain/memory/<name> on the actor's node when output is a URI); "" = "pipeline-" + a hash of the
     output folder, so two pipelines on one cluster keep their own memory."""
     meta_env: dict[str, Any] = field(default_factory=dict)
-    """env_config of the meta-controller's env (see rl.envs.meta; checkpoint, memory and facts are set here)."""
-    meta_iterations: int = 2
+    """env_config of the meta-controller's env (see rl.envs.meta; checkpoint, memory, facts and the entity split
+    are set here)."""
+    meta_iterations: int = 80
     """PPO iterations of the meta-controller."""
-    meta_batch: int = 48
+    meta_batch: int = 120
     """Env steps (questions) per PPO iteration (an episode of the default env is 6 questions)."""
-    meta_eval_episodes: int = 4
-    """Episodes per seed (2 held-out seeds) when comparing the learned meta-controller with the baselines."""
+    meta_eval_seeds: int = 5
+    """Held-out seeds of the meta-controller comparison (the 95% intervals are over seeds)."""
+    meta_eval_episodes: int = 2
+    """Episodes (sessions about held-out entities) per seed."""
+    meta_grid: bool = True
+    """Evaluate every fixed setting of the five gates (rl.envs.meta.fixed_combinations) besides the named ones."""
+    meta_grid_experts: list[int] = field(default_factory=lambda: [0, 1])
+    """Expert-bias values of that grid (0 = none, e biases expert e - 1): [0, 1] gives the 2^5 = 32 on/off settings;
+    list every expert for the whole grid (16 x (n_experts + 1) settings)."""
     sample_prompt: str = "The list"
     """Prompt of the text sample shown in the report."""
     sample_tokens: int = 48
     """Tokens to generate for the sample."""
     thermo_env: dict[str, Any] = field(default_factory=dict)
-    """env_config of the thermodynamic controller's env (see rl.envs.thermo; default: 3 built-in tasks)."""
-    thermo_iterations: int = 3
+    """env_config of the thermodynamic controller's env (see rl.envs.thermo; default: 3 built-in permuted tasks;
+    task_seeds is set here)."""
+    thermo_train_streams: int = 2
+    """Task streams (task_seed 0, 1, ...) PPO trains on and the fixed grid is searched on."""
+    thermo_heldout_streams: int = 5
+    """Held-out task streams (task_seed 1000, 1001, ...) of the comparison; the 95% intervals are over them."""
+    thermo_grid: KnobGrid = field(default_factory=KnobGrid)
+    """Fixed knob settings searched for the best fixed controller."""
+    thermo_iterations: int = 10
     """PPO iterations of the thermodynamic controller."""
     thermo_batch: int = 36
     """Env steps per PPO iteration (an episode of the default stream is 9 steps)."""
-    continual_seed: int = 1000
-    """Seed of the held-out continual-learning comparison (PPO trains on seeds from 0)."""
+    heldout_seed: int = 1000
+    """First held-out seed: meta-controller evaluation seeds and held-out task streams count from it (training
+    uses seeds from 0)."""
 
 
 def _finished_stage(stage: Location, cfg: PretrainConfig) -> dict | None:
@@ -126,21 +190,21 @@ def _stage_pretrain(cfg: PipelineConfig, out: Location) -> dict:
                                   data=dataclasses.replace(cfg.pretrain.data, source=corpus.uri))
     pre = _finished_stage(out / "pretrain", pre_cfg)
     if pre:
-        log.info("stage 1/7: pretraining already finished at step %d (%s)", pre["step"], out / "pretrain")
+        log.info("stage 1/%d: pretraining already finished at step %d (%s)", STAGES, pre["step"], out / "pretrain")
         return pre
     if not corpus.is_file():
         natural = load_corpus(cfg.pretrain.data).splits["train"]
         with staged(out / "facts") as folder:
             write_corpus(FactWorld(cfg.facts), natural, folder / corpus.name)
-    log.info("stage 1/7: pretraining %s with %d Ray Train workers on %s", cfg.pretrain.model, cfg.pretrain.workers,
-             corpus)
+    log.info("stage 1/%d: pretraining %s for %d steps with %d Ray Train workers on %s", STAGES, cfg.pretrain.model,
+             cfg.pretrain.max_steps, cfg.pretrain.workers, corpus)
     return pretrain(pre_cfg)
 
 
 def _stage_sample(cfg: PipelineConfig, checkpoint: str) -> str:
     from models.common.sampling import SamplingConfig, generate
 
-    log.info("stage 2/7: sampling from %s", checkpoint)
+    log.info("stage 2/%d: sampling from %s", STAGES, checkpoint)
     model, tok, _ = load_lm(checkpoint)
     prompt = torch.tensor([tok.encode(cfg.sample_prompt)])
     ids = generate(model, prompt, SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=40,
@@ -156,14 +220,37 @@ def _memory_places(out: Location, name: str) -> tuple[str, str]:
     return name, (out / "memory-backup").uri
 
 
-def _stage_memory(cfg: PipelineConfig, out: Location, checkpoint: str) -> dict:
-    """Fill the shared memory actor with the semantic facts (once) and time single-question retrieval through it."""
+def wilson_ci95(hits: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion hits / n (it stays inside [0, 1] and is honest near 0 and 1).
+
+    Example::
+
+        >>> low, high = wilson_ci95(30, 96)
+        >>> round(low, 3), round(high, 3)
+        (0.225, 0.414)
+    """
+    if n == 0:
+        return 0.0, 1.0
+    z, p = 1.959964, hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+# the engine paths asked every semantic-placement question in stage 3
+RETRIEVAL_PATHS = {"retrieval off": {}, "semantic retrieval": {"semantic": True},
+                   "semantic retrieval + early exit": {"semantic": True, "early_exit": True}}
+
+
+def _stage_memory(cfg: PipelineConfig, out: Location, checkpoint: str) -> tuple[dict, list[dict]]:
+    """Fill the shared memory actor with the semantic facts (once), time retrieval through it, and ask every semantic
+    question with retrieval off and on (exact match with 95% Wilson intervals over the questions)."""
     from memory_service import MemoryConfig, get_or_create_memory
-    from models.hmst.engine import HMSTEngine
-    from models.hmst.facts import FactWorld
+    from models.hmst.engine import Decisions, HMSTEngine
+    from models.hmst.facts import FactWorld, exact_match
 
     name = _memory_name(cfg, out)
-    log.info("stage 3/7: filling the shared semantic memory actor %r", name)
+    log.info("stage 3/%d: filling the shared semantic memory actor %r and asking its facts", STAGES, name)
     model, tok, _ = load_lm(checkpoint)
     engine = HMSTEngine(model, tok)  # its embedder is the one the env uses
     path, backup = _memory_places(out, name)
@@ -190,10 +277,21 @@ def _stage_memory(cfg: PipelineConfig, out: Location, checkpoint: str) -> dict:
         latencies_ms.append(1000 * (time.perf_counter() - started))
         top1 += hits.texts[0][0] == fact.statement()
     stats = memory.stats()
-    return {"name": name, "count": stats["count"], "index": stats.get("index"), "fill_s": round(fill_s, 3),
-            "recall_at_1": top1 / len(facts), "latency_ms": latencies_ms,
-            "latency_p50_ms": float(np.percentile(latencies_ms, 50)),
-            "latency_p99_ms": float(np.percentile(latencies_ms, 99))}
+    summary = {"name": name, "count": stats["count"], "index": stats.get("index"), "fill_s": round(fill_s, 3),
+               "recall_at_1": top1 / len(facts), "latency_ms": latencies_ms,
+               "latency_p50_ms": float(np.percentile(latencies_ms, 50)),
+               "latency_p99_ms": float(np.percentile(latencies_ms, 99))}
+    rows = []
+    for path_name, decisions in RETRIEVAL_PATHS.items():
+        answers = [engine.session().ask(f.question(), Decisions(**decisions)) for f in facts]
+        hits = sum(exact_match(a.response, f.value) for a, f in zip(answers, facts))
+        low, high = wilson_ci95(hits, len(facts))
+        rows.append({"path": path_name, "questions": len(facts), "exact_match": hits / len(facts), "low": low,
+                     "high": high, "mflops_per_answer": float(np.mean([a.flops for a in answers])) / 1e6})
+    off = rows[0]
+    for row in rows[1:]:  # significant: the 95% intervals do not overlap
+        row["significant"] = bool(row["low"] > off["high"] or row["high"] < off["low"])
+    return summary, rows
 
 
 def _memory_name(cfg: PipelineConfig, out: Location) -> str:
@@ -208,49 +306,101 @@ def _meta_env_config(cfg: PipelineConfig, out: Location) -> dict:
             "n_entities": cfg.facts.n_entities}
 
 
-def _stage_meta(cfg: PipelineConfig, out: Location) -> tuple[dict, list[dict]]:
-    from rl.envs.meta import baseline_policies
-    from rl.evaluate import evaluate
-    from rl.policy import LearnedPolicy
+def _meta_env_settings(cfg: PipelineConfig, out: Location):
+    from rl.envs.meta import MetaEnvConfig
+    from orchestration.config import from_dict
+
+    return from_dict(MetaEnvConfig, _meta_env_config(cfg, out))
+
+
+def _stage_meta(cfg: PipelineConfig, out: Location) -> dict:
     from rl.train import PPOSettings, RLTrainConfig, train_ppo
 
-    log.info("stage 4/7: PPO for the HMST meta-controller (%d iterations)", cfg.meta_iterations)
-    env_config = _meta_env_config(cfg, out)
-    ppo = PPOSettings(train_batch_size=cfg.meta_batch, minibatch_size=max(4, cfg.meta_batch // 4), num_epochs=4)
+    log.info("stage 4/%d: PPO for the HMST meta-controller on sessions about the training entities (%d iterations "
+             "of %d questions)", STAGES, cfg.meta_iterations, cfg.meta_batch)
+    env_config = {**_meta_env_config(cfg, out), "entities": "train"}
+    # gamma 0.3: a decision pays mostly in its own question's reward, so discounting the rest of the session cuts
+    # the advantage's variance (training return after 30 iterations of 120 questions: 1.1, against 0.6 at 0.99)
+    ppo = PPOSettings(train_batch_size=cfg.meta_batch, minibatch_size=max(4, cfg.meta_batch // 4), num_epochs=6,
+                      lr=1e-3, gamma=0.3, entropy_coeff=0.003, fcnet_hiddens=[64, 64])
     # trust_checkpoint: a re-run resumes the RLlib checkpoints this pipeline wrote into its own folder
-    summary = train_ppo(RLTrainConfig(env="meta", env_config=env_config, output=(out / "rl-meta").uri,
-                                      iterations=cfg.meta_iterations, checkpoint_every=cfg.meta_iterations, ppo=ppo,
-                                      trust_checkpoint=True))
-    policies = {"learned": LearnedPolicy.load(out / "rl-meta" / "policy"), **baseline_policies(env_config)}
-    rows = evaluate("meta", env_config, policies, seeds=[cfg.continual_seed, cfg.continual_seed + 1],
-                    episodes=cfg.meta_eval_episodes)
-    return summary, rows
+    return train_ppo(RLTrainConfig(env="meta", env_config=env_config, output=(out / "rl-meta").uri,
+                                   iterations=cfg.meta_iterations, checkpoint_every=cfg.meta_iterations, ppo=ppo,
+                                   trust_checkpoint=True))
+
+
+def _stage_meta_eval(cfg: PipelineConfig, out: Location) -> tuple[list[dict], str]:
+    """The learned meta-controller, the named fixed policies and (meta_grid) every fixed gate setting on sessions
+    about held-out entities, through the memory actor; rows compared seed by seed with the best fixed setting."""
+    from rl.envs.meta import baseline_policies, fixed_combinations, n_experts_of
+    from rl.evaluate import compare, evaluate
+    from rl.policy import LearnedPolicy
+
+    env_config = {**_meta_env_config(cfg, out), "entities": "heldout"}
+    fixed = (fixed_combinations(n_experts_of(_meta_env_settings(cfg, out)), cfg.meta_grid_experts)
+             if cfg.meta_grid else {})
+    named = baseline_policies(env_config)
+    policies = {"learned": LearnedPolicy.load(out / "rl-meta" / "policy"), **named, **fixed}
+    seeds = list(range(cfg.heldout_seed, cfg.heldout_seed + cfg.meta_eval_seeds))
+    log.info("stage 5/%d: the meta-controller against %d fixed policies on held-out entities (%d seeds x %d "
+             "sessions)", STAGES, len(policies) - 1, len(seeds), cfg.meta_eval_episodes)
+    rows = evaluate("meta", env_config, policies, seeds=seeds, episodes=cfg.meta_eval_episodes)
+    # the baseline: the best fixed setting (chosen on the held-out sessions themselves, which favours it)
+    best_fixed = next(r["policy"] for r in rows if r["policy"] not in ("learned", "random"))
+    return compare(rows, best_fixed), best_fixed
+
+
+def _thermo_env_config(cfg: PipelineConfig) -> dict:
+    return {**cfg.thermo_env, "task_seeds": list(range(cfg.thermo_train_streams))}
 
 
 def _stage_thermo(cfg: PipelineConfig, out: Location) -> dict:
     from rl.train import PPOSettings, RLTrainConfig, train_ppo
 
-    log.info("stage 5/7: PPO for the thermodynamic controller (%d iterations)", cfg.thermo_iterations)
+    log.info("stage 6/%d: PPO for the thermodynamic controller on %d training task streams (%d iterations)", STAGES,
+             cfg.thermo_train_streams, cfg.thermo_iterations)
     seq = 8  # LSTM BPTT length; a minibatch must hold at least one whole sequence
     ppo = PPOSettings(use_lstm=True, lstm_cell_size=32, max_seq_len=seq, fcnet_hiddens=[32],
                       train_batch_size=cfg.thermo_batch, minibatch_size=max(seq, cfg.thermo_batch // 4), num_epochs=4)
-    return train_ppo(RLTrainConfig(env="thermo", env_config=cfg.thermo_env, output=(out / "rl-thermo").uri,
+    return train_ppo(RLTrainConfig(env="thermo", env_config=_thermo_env_config(cfg), output=(out / "rl-thermo").uri,
                                    iterations=cfg.thermo_iterations, checkpoint_every=cfg.thermo_iterations, ppo=ppo,
                                    trust_checkpoint=True))
 
 
-def _stage_continual(cfg: PipelineConfig, out: Location) -> dict[str, dict]:
+def _stage_thermo_eval(cfg: PipelineConfig, out: Location) -> tuple[list[dict], list[dict], str, dict[str, dict]]:
+    """Search the fixed knob grid on the training streams, then compare the learned controller with the best fixed
+    knobs (and the source's default) on held-out task streams; one held-out stream is also run with each through the
+    continual runner, for its knob plot and evaluation matrix."""
     from orchestration.continual import run_continual
-    from rl.envs.thermo import env_settings, learned_controller_resolver
+    from orchestration.continual_control import FixedController
+    from rl.envs.thermo import baseline_policies, env_settings, knob_grid, learned_controller_resolver
+    from rl.evaluate import compare, evaluate
+    from rl.policy import LearnedPolicy
 
-    log.info("stage 6/7: held-out continual-learning stream, fixed vs learned controller")
+    env_config = _thermo_env_config(cfg)
+    grid = knob_grid(env_config, tuple(cfg.thermo_grid.replay), tuple(cfg.thermo_grid.noise),
+                     tuple(cfg.thermo_grid.temperature))
+    train_streams = env_config["task_seeds"]
+    log.info("stage 7/%d: %d fixed knob settings on the %d training streams, then the best one and the learned "
+             "controller on %d held-out streams", STAGES, len(grid), len(train_streams), cfg.thermo_heldout_streams)
+    grid_rows = evaluate("thermo", env_config, grid, seeds=train_streams, episodes=1,
+                         seed_config=lambda stream: {"task_seeds": [stream]})
+    best = grid_rows[0]["policy"]
+    policies = {"learned": LearnedPolicy.load(out / "rl-thermo" / "policy"), f"best fixed ({best})": grid[best],
+                "source-default": baseline_policies(env_config)["source-default"]}
+    streams = list(range(cfg.heldout_seed, cfg.heldout_seed + cfg.thermo_heldout_streams))
+    rows = compare(evaluate("thermo", env_config, policies, seeds=streams, episodes=1,
+                            seed_config=lambda stream: {"task_seeds": [stream]}), f"best fixed ({best})")
     _, continual = env_settings(cfg.thermo_env)
-    results = {}
-    for name, controller in (("fixed", None), ("learned", learned_controller_resolver((out / "rl-thermo").uri))):
-        run_cfg = dataclasses.replace(continual, output=(out / f"continual-{name}").uri, seed=cfg.continual_seed,
-                                      controller="fixed" if controller is None else (out / "rl-thermo").uri)
-        results[name] = run_continual(run_cfg, controller=controller)
-    return results
+    held_out = dataclasses.replace(continual, stream=dataclasses.replace(continual.stream, task_seed=streams[0]))
+    runs = {}
+    for name, controller, spec in (("fixed", FixedController(grid[best].knobs), "fixed"),
+                                   ("learned", learned_controller_resolver((out / "rl-thermo").uri),
+                                    (out / "rl-thermo").uri)):
+        run_cfg = dataclasses.replace(held_out, output=(out / f"continual-{name}").uri, seed=cfg.heldout_seed,
+                                      controller=spec, fixed_knobs=grid[best].knobs)
+        runs[name] = run_continual(run_cfg, controller=controller)
+    return grid_rows, rows, best, runs
 
 
 def _plot_returns(run: Location, out_png: Location, title: str) -> Location:
@@ -258,8 +408,8 @@ def _plot_returns(run: Location, out_png: Location, title: str) -> Location:
     fig, ax = pyplot().subplots(figsize=(5, 3))
     ax.plot([r["iteration"] for r in rows], [r.get("episode_return_mean") for r in rows], marker="o")
     ax.set_xlabel("PPO iteration")
-    ax.set_ylabel("mean episode return")
-    ax.set_title(title)
+    ax.set_ylabel("mean episode return (training)")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     return save_png(fig, out_png)
 
@@ -269,11 +419,63 @@ def _plot_memory_latency(memory: dict, out_png: Location) -> Location:
     ax.hist(memory["latency_ms"], bins=30)
     ax.set_xlabel("search latency through the actor (ms)")
     ax.set_ylabel("questions")
-    ax.set_title(f"semantic memory: {memory['count']} facts, recall@1 {memory['recall_at_1']:.2f}")
+    ax.set_title(f"semantic memory: {memory['count']} facts, recall@1 {memory['recall_at_1']:.2f}", fontsize=9)
     return save_png(fig, out_png)
 
 
-def run_pipeline(cfg: PipelineConfig, quick: bool = False) -> dict:
+def _plot_intervals(rows: list[dict], label: str, value: str, out_png: Location, title: str, xlabel: str) -> Location:
+    """Horizontal bars of rows[value] with their [low, high] 95% intervals."""
+    fig, ax = pyplot().subplots(figsize=(6.5, 0.6 + 0.4 * len(rows)))
+    means = [r[value] for r in rows]
+    ax.barh([r[label] for r in rows], means, xerr=[[m - r["low"] for m, r in zip(means, rows)],
+                                                   [r["high"] - m for m, r in zip(means, rows)]],
+            color="tab:blue", alpha=0.7, capsize=3)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    return save_png(fig, out_png)
+
+
+def _verdict(row: dict, reference: str) -> str:
+    """One line: the paired difference from the reference with its interval, and whether it is significant."""
+    if row["significant"] is None:
+        return "reference"
+    sign = "better" if row["diff"] > 0 else "worse"
+    word = f"significantly {sign} than" if row["significant"] else "no significant difference from"
+    return f"{word} {reference}: {row['diff']:+.3f} +- {row['diff_ci95']:.3f}"
+
+
+def _meta_reading(ppo_rows: list[dict], learned: dict, best: str) -> str:
+    """What the learned meta-controller does (its mean actions in the last PPO iteration), next to the verdict."""
+    means = ppo_rows[-1] if ppo_rows else {}
+    actions = [f"{name} {means[f'action_mean/action_{i}']:.2f}" for i, name in
+               enumerate(("early exit", "episodic", "semantic", "expert bias (0-n)", "verify"))
+               if f"action_mean/action_{i}" in means]
+    return (f"Reading (the learned policy): {_verdict(learned, best)}. Its sampled actions in the last PPO iteration "
+            f"(share on; expert bias as the mean index): {', '.join(actions)}. The best fixed setting answers "
+            "from semantic retrieval with the early-exit head for every question; a learned policy can only beat it "
+            "by telling from the question's embedding and the state features when a gate does not pay, which new "
+            "entities make hard.")
+
+
+def _thermo_reading(learned: dict, cl_rows: list[dict], best: str) -> str:
+    """The learned thermodynamic controller's knobs next to the best fixed ones, next to the verdict."""
+    knobs = {r["controller"]: r for r in cl_rows}
+    used = (f" On the held-out stream run above it used mean k {knobs['learned']['mean_k']:.2f} and replay "
+            f"{knobs['learned']['mean_replay']:.2f}, against the fixed {knobs['fixed']['mean_k']:.2f} and "
+            f"{knobs['fixed']['mean_replay']:.2f}." if {"learned", "fixed"} <= set(knobs) else "")
+    return (f"Reading (the learned controller): {_verdict(learned, best)}.{used} The retention reward is dominated by "
+            "replay and the compute term is set by k, so on short streams of unrelated permutations the best "
+            "constant setting (most replay, smallest k) is hard to beat; a schedule that adapts within a stream can "
+            "only pay on longer streams with repeats or drift (`--profile full`: 8 drifting tasks).")
+
+
+def _rounded(rows: list[dict], digits: int = 3) -> list[dict]:
+    return [{k: round(v, digits) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+
+
+def run_pipeline(cfg: PipelineConfig, profile: str = "default") -> dict:
     from rl.evaluate import write_report
 
     from orchestration.ray_utils import ensure_ray
@@ -283,67 +485,156 @@ def run_pipeline(cfg: PipelineConfig, quick: bool = False) -> dict:
     require_shared(out, "output")
     (out / "config.yaml").write_text(to_yaml(cfg))
     started = time.time()
+    wall: dict[str, float] = {}
 
-    pre = _stage_pretrain(cfg, out)
-    sample = _stage_sample(cfg, pre["checkpoint"])
-    memory = _stage_memory(cfg, out, pre["checkpoint"])
-    meta, meta_rows = _stage_meta(cfg, out)
-    thermo = _stage_thermo(cfg, out)
-    continual = _stage_continual(cfg, out)
+    settings = to_yaml(dataclasses.replace(cfg, output=""))
 
-    log.info("stage 7/7: writing the report")
+    def timed(stage: str, fn, *args):
+        """Run a stage, or take its result from an earlier run of this pipeline with the same settings (the RL stages
+        resume on their own, pretraining is skipped when finished)."""
+        record = out / "stages" / f"{stage}.json"
+        done = record.read_json() if record.is_file() else None
+        if done is not None and done["settings"] == settings:
+            log.info("%s: finished in an earlier run with the same settings (%s)", stage, record)
+            wall[stage] = 0.0
+            return done["result"]
+        t0 = time.time()
+        result = fn(*args)
+        wall[stage] = round(time.time() - t0, 1)
+        if stage in RECORDED_STAGES:
+            record.write_json({"settings": settings, "result": result})
+        return result
+
+    pre = timed("pretrain", _stage_pretrain, cfg, out)
+    sample = timed("sample", _stage_sample, cfg, pre["checkpoint"])
+    memory, retrieval = timed("memory", _stage_memory, cfg, out, pre["checkpoint"])
+    meta = timed("meta_ppo", _stage_meta, cfg, out)
+    meta_rows, best_meta = timed("meta_eval", _stage_meta_eval, cfg, out)
+    thermo = timed("thermo_ppo", _stage_thermo, cfg, out)
+    grid_rows, thermo_rows, best_knobs, continual = timed("thermo_eval", _stage_thermo_eval, cfg, out)
+
+    log.info("stage %d/%d: writing the report", STAGES, STAGES)
     plots = out / "plots"
-    loss_png = plot_loss_curves(out / "pretrain", plots / "pretrain_loss.png", f"{cfg.pretrain.model} pretraining")
+    loss_png = plot_loss_curves(out / "pretrain", plots / "pretrain_loss.png",
+                                f"{cfg.pretrain.model} pretraining on the fact corpus")
     latency_png = _plot_memory_latency(memory, plots / "memory_latency.png")
-    meta_png = _plot_returns(out / "rl-meta", plots / "meta_returns.png", "HMST meta-controller (PPO)")
-    write_report(meta_rows, out / "meta-eval", "HMST meta-controller vs fixed policies (held-out seeds)")
-    thermo_png = _plot_returns(out / "rl-thermo", plots / "thermo_returns.png", "thermodynamic controller (PPO, LSTM)")
+    retrieval_png = _plot_intervals(retrieval, "path", "exact_match", plots / "retrieval.png",
+                                    "facts only in the semantic memory: exact match (95% Wilson interval)",
+                                    "exact match over the semantic-placement questions")
+    meta_png = _plot_returns(out / "rl-meta", plots / "meta_returns.png",
+                             "HMST meta-controller: PPO training return (training entities)")
+    write_report(meta_rows, out / "meta-eval", "HMST meta-controller vs fixed policies (held-out entities)")
+    named = ["learned", best_meta, "all_on", "all_off", "retrieval_only", "semantic_exit", "random"]
+    meta_shown = [r for r in meta_rows if r["policy"] in named]
+    for row in meta_shown:
+        row["verdict"] = _verdict(row, f"the best fixed setting ({best_meta})")
+    meta_cmp_png = _plot_intervals(meta_shown, "policy", "return_mean", plots / "meta_comparison.png",
+                                   "meta-controller on held-out entities: learned vs fixed (95% CI over seeds)",
+                                   "mean episode return")
+    thermo_png = _plot_returns(out / "rl-thermo", plots / "thermo_returns.png",
+                               "thermodynamic controller: PPO training return (training streams)")
+    write_report(thermo_rows, out / "thermo-eval", "thermodynamic controller vs fixed knobs (held-out streams)")
+    for row in thermo_rows:
+        row["verdict"] = _verdict(row, f"the best fixed knobs ({best_knobs})")
+    thermo_cmp_png = _plot_intervals(thermo_rows, "policy", "return_mean", plots / "thermo_comparison.png",
+                                     "thermodynamic controller on held-out streams (95% CI over streams)",
+                                     "mean episode return (retention - compute)")
     cl_rows = [{"controller": name, **{k: r.get(k) for k in ("avg_final_loss", "forgetting", "backward_transfer",
                                                               "forward_transfer")},
                 "mean_k": r["mean_knobs"]["k"], "mean_replay": r["mean_knobs"]["replay_ratio"]}
                for name, r in continual.items()]
     memory_row = {k: v for k, v in memory.items() if k != "latency_ms"}
-    summary = {"profile": "quick" if quick else "default", "wall_s": round(time.time() - started, 1),
-               "pretrain": pre, "sample": sample, "memory": memory_row, "meta_ppo": meta, "meta_eval": meta_rows,
-               "thermo_ppo": thermo, "continual": cl_rows}
+    on, off = retrieval[1], retrieval[0]
+    summary = {"profile": profile, "wall_s": round(time.time() - started, 1), "stage_wall_s": wall,
+               "pretrain": pre, "sample": sample, "memory": memory_row, "retrieval": retrieval, "meta_ppo": meta,
+               "meta_eval": meta_rows, "meta_best_fixed": best_meta, "thermo_ppo": thermo,
+               "thermo_grid": grid_rows, "thermo_eval": thermo_rows, "thermo_best_fixed": best_knobs,
+               "continual": cl_rows}
+    learned_meta = next(r for r in meta_rows if r["policy"] == "learned")
+    heldout = _meta_env_settings(cfg, out).heldout_fraction
+    learned_thermo = next(r for r in thermo_rows if r["policy"] == "learned")
+    headline = [
+        f"- Semantic retrieval: exact match {on['exact_match']:.2f} [{on['low']:.2f}, {on['high']:.2f}] with it, "
+        f"{off['exact_match']:.2f} [{off['low']:.2f}, {off['high']:.2f}] without, on {off['questions']} questions "
+        f"about facts that exist only in the memory: "
+        + ("**significant** (the 95% intervals do not overlap)." if on["significant"] else
+           "**not significant** (the 95% intervals overlap; the model has not learnt to copy from its context: "
+           "more pretraining steps, see the pretraining section)."),
+        f"- Meta-controller on held-out entities: learned {learned_meta['return_mean']:.3f} +- "
+        f"{learned_meta['ci95']:.3f}; "
+        f"{_verdict(learned_meta, f'the best of {len(meta_rows) - 2} fixed policies ({best_meta})')}.",
+        f"- Thermodynamic controller on {cfg.thermo_heldout_streams} held-out streams: learned "
+        f"{learned_thermo['return_mean']:.3f} +- {learned_thermo['ci95']:.3f}; "
+        f"{_verdict(learned_thermo, f'the best of {len(grid_rows)} fixed knob settings ({best_knobs})')}.",
+    ]
+    if profile == "quick":
+        headline.insert(0, "- **Quick profile: a smoke run of every stage; the model is far too short-trained for "
+                           "any of the comparisons below to mean anything.**")
+    meta_columns = ["policy", "return_mean", "ci95", "correct", "cost", "calibration", "verdict"]
     report = [
         "# memtrain pipeline report", "",
-        f"Profile: {summary['profile']}; wall time {summary['wall_s']} s; output `{out}`.", "",
+        f"Profile: {profile}; wall time {summary['wall_s']:.0f} s "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in wall.items())}); output `{out}`.", "",
+        "## What this run shows", "", *headline, "",
+        "Intervals are 95%: Wilson intervals over questions for exact match; Student-t intervals over seeds (meta) "
+        "or held-out task streams (thermo) for returns. A difference between a controller and the best fixed "
+        "setting is paired seed by seed (both meet the same episodes) and called significant when its 95% interval "
+        "excludes 0.", "",
         "## Pretraining (Ray Train, DDP)", "",
-        markdown_table([{"model": cfg.pretrain.model, "workers": cfg.pretrain.workers, **pre}],
+        markdown_table(_rounded([{"model": cfg.pretrain.model, "workers": cfg.pretrain.workers, **pre}]),
                        ["model", "workers", "step", "tokens", "first_eval_loss", "final_eval_loss",
                         "final_eval_perplexity", "tokens_per_s", "mfu"]), "",
+        "Losses are held-out cross-entropy (nats/token). The plot shows training and held-out cross-entropy, and "
+        "apart from them the auxiliary losses the model also trains with (MoE balance, z, early-exit head).", "",
         f"![loss curves]({loss_png.uri[len(out.uri) + 1:]})", "",
         f"Checkpoint: `{pre['checkpoint']}`", "",
         "Sample:", "", "```", sample, "```", "",
-        "## Shared semantic memory (FAISS actor)", "",
+        "## Shared semantic memory (FAISS actor) and what retrieval buys", "",
         f"The semantic-placement facts in the named actor `{memory['name']}` (namespace `{MEMORY_NAMESPACE}`); "
         "recall@1 is the share of questions whose own fact is the top hit; latency is one question's search "
         "through the actor, from the driver.", "",
-        markdown_table([memory_row], ["name", "count", "index", "fill_s", "recall_at_1", "latency_p50_ms",
-                                      "latency_p99_ms"]), "",
+        markdown_table(_rounded([memory_row]), ["name", "count", "index", "fill_s", "recall_at_1", "latency_p50_ms",
+                                                "latency_p99_ms"]), "",
         f"![memory latency]({latency_png.uri[len(out.uri) + 1:]})", "",
+        "Every semantic-placement question (facts that never appear in the pretraining corpus) asked through the "
+        "engine, with the memory actor:", "",
+        markdown_table(_rounded(retrieval), ["path", "questions", "exact_match", "low", "high", "mflops_per_answer",
+                                             "significant"]), "",
+        f"![retrieval]({retrieval_png.uri[len(out.uri) + 1:]})", "",
         "## HMST meta-controller (RLlib PPO)", "",
-        markdown_table([meta], ["iterations", "first_return", "final_return", "wall_s"]), "",
+        f"Trained on sessions about {1 - heldout:.0%} of the entities; evaluated on sessions about the other "
+        f"{heldout:.0%} (entities it never saw), {cfg.meta_eval_seeds} seeds x {cfg.meta_eval_episodes} sessions, "
+        "through the memory actor. Reward = correct - cost + calibration per question. The baseline is the best of "
+        f"{len(meta_rows) - 2} fixed policies (every on/off setting of the five gates and the named presets, "
+        "`meta-eval/results.md`), chosen on these same held-out sessions, which favours it.", "",
+        markdown_table(_rounded([meta]), ["iterations", "first_return", "final_return", "wall_s"]), "",
         f"![PPO returns]({meta_png.uri[len(out.uri) + 1:]})", "",
-        "Learned policy against the fixed policies on held-out seeds (mean episode return with 95% interval; "
-        "reward = correct - cost + calibration):", "",
-        markdown_table(meta_rows, ["policy", "return_mean", "ci95", "correct", "cost", "calibration"]), "",
-        "![controller comparison](meta-eval/returns.png)", "",
+        markdown_table(_rounded(meta_shown), meta_columns), "",
+        f"![controller comparison]({meta_cmp_png.uri[len(out.uri) + 1:]})", "",
+        _meta_reading(read_metrics(out / "rl-meta"), learned_meta, best_meta), "",
         "## Thermodynamic controller (RLlib PPO, LSTM policy)", "",
-        markdown_table([thermo], ["iterations", "first_return", "final_return", "wall_s"]), "",
+        f"Trained on task streams {_thermo_env_config(cfg)['task_seeds']} (task_seed); the fixed knob grid "
+        f"({len(grid_rows)} settings of k, replay, noise and temperature) searched on the same streams; both "
+        f"evaluated on {cfg.thermo_heldout_streams} held-out streams (task_seed {cfg.heldout_seed}.."
+        f"{cfg.heldout_seed + cfg.thermo_heldout_streams - 1}: new permutations and document splits). Reward per "
+        "episode = retention (drop of the held-out loss of the tasks seen so far) - compute (k / k_max).", "",
+        markdown_table(_rounded([thermo]), ["iterations", "first_return", "final_return", "wall_s"]), "",
         f"![PPO returns]({thermo_png.uri[len(out.uri) + 1:]})", "",
-        "## Continual learning on a held-out stream: fixed vs learned controller", "",
-        "Losses are mean test cross-entropy (nats/token) after the last task; forgetting and transfers are in "
-        "loss space (forgetting > 0 is worse, BWT < 0 is forgetting).", "",
-        markdown_table(cl_rows, ["controller", "avg_final_loss", "forgetting", "backward_transfer",
-                                 "forward_transfer", "mean_k", "mean_replay"]), "",
+        markdown_table(_rounded(thermo_rows), ["policy", "return_mean", "ci95", "retention", "compute", "verdict"]), "",
+        f"![thermo comparison]({thermo_cmp_png.uri[len(out.uri) + 1:]})", "",
+        "Best fixed settings on the training streams (`thermo-grid`):", "",
+        markdown_table(_rounded(grid_rows[:5]), ["policy", "return_mean", "retention", "compute"]), "",
+        f"One held-out stream (task_seed {cfg.heldout_seed}) run through the continual runner with each: losses are "
+        "mean test cross-entropy (nats/token) after the last task; forgetting > 0 is worse, BWT < 0 is forgetting.",
+        "", markdown_table(_rounded(cl_rows), ["controller", "avg_final_loss", "forgetting", "backward_transfer",
+                                               "forward_transfer", "mean_k", "mean_replay"]), "",
         *[f"![{name} evaluation matrix](continual-{name}/eval_matrix.png) ![{name} knobs](continual-{name}/knobs.png)"
           for name in continual], "",
+        _thermo_reading(learned_thermo, cl_rows, best_knobs), "",
     ]
+    (out / "thermo-grid" / "results.json").write_json(grid_rows)
     (out / "report.md").write_text("\n".join(report))
     (out / "summary.json").write_json(summary)
-    print(f"[memtrain] pipeline done in {summary['wall_s']} s: final eval loss {pre['final_eval_loss']:.4f} "
-          f"(from {pre['first_eval_loss']:.4f}); {memory['count']} facts in the memory actor; meta-controller "
-          f"return {meta['final_return']}; report {out / 'report.md'}", flush=True)
+    print(f"[memtrain] pipeline ({profile}) done in {summary['wall_s']:.0f} s; report {out / 'report.md'}\n"
+          + "\n".join(headline), flush=True)
     return summary

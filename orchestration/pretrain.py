@@ -315,6 +315,7 @@ def train_worker(loop_config: dict) -> None:
         eval_loss = evaluate(model, val, cfg, rank, world, device, autocast, reducer)
         report({"step": 0, "tokens": 0, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
     window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+    window_ce = torch.zeros((), device=device)
     window_stats: dict[str, torch.Tensor] = {}
     grad_norm = torch.tensor(0.0)
     stop_early = False
@@ -338,6 +339,7 @@ def train_worker(loop_config: dict) -> None:
                 out = model(x_BT, y_BT)
             (out.loss / cfg.grad_accum).backward()
             window_loss += out.loss.detach().float() / cfg.grad_accum
+            window_ce += out.lm_loss.detach().float() / cfg.grad_accum
             for key, value in out.stats.items():  # routing/memory diagnostics, averaged over the log window
                 value = torch.as_tensor(value).detach().float() / cfg.grad_accum
                 window_stats[key] = window_stats.get(key, 0.0) + value
@@ -353,13 +355,18 @@ def train_worker(loop_config: dict) -> None:
         metrics: dict[str, Any] = {}
         if state.step % cfg.log_every == 0 or done():
             elapsed = time.perf_counter() - window_start
-            loss_mean = reducer.sum([window_loss.item() / window_steps])[0] / world
+            loss_sum, ce_sum = reducer.sum([window_loss.item() / window_steps, window_ce.item() / window_steps])
+            loss_mean, ce_mean = loss_sum / world, ce_sum / world
             tokens_per_s = window_steps * tokens_per_step / elapsed
-            metrics.update(loss=loss_mean, perplexity=math.exp(min(loss_mean, 50)), lr=lr,
+            # loss: what is backpropagated (cross-entropy + the model's auxiliary terms); train_ce: the cross-entropy
+            # alone, the quantity eval_loss measures on held-out data
+            metrics.update(loss=loss_mean, train_ce=ce_mean, aux_loss=loss_mean - ce_mean,
+                           perplexity=math.exp(min(ce_mean, 50)), lr=lr,
                            grad_norm=float(grad_norm), tokens_per_s=tokens_per_s,
                            mfu=tokens_per_s * flops_per_token / peak)
             metrics.update({key: float(value) / window_steps for key, value in window_stats.items()})
             window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+            window_ce = torch.zeros((), device=device)
             window_stats = {}
         if state.step % cfg.eval_every == 0 or done():
             eval_loss = evaluate(model, val, cfg, rank, world, device, autocast, reducer)
@@ -418,7 +425,7 @@ def _make_metrics_sink(run: Location):
             self.tb.flush(upload=checkpoint is not None or bool(row.get("done")))
             parts = [f"step {row['step']}"]
             if "loss" in row:
-                parts += [f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}", f"grad {row['grad_norm']:.2f}",
+                parts += [f"loss {row['loss']:.4f} (cross-entropy {row['train_ce']:.4f})", f"lr {row['lr']:.2e}", f"grad {row['grad_norm']:.2f}",
                           f"{row['tokens_per_s']:,.0f} tok/s", f"MFU {100 * row['mfu']:.1f}%"]
             if "eval_loss" in row:
                 parts.append(f"eval {row['eval_loss']:.4f} (ppl {row['eval_perplexity']:.1f})")

@@ -32,20 +32,26 @@ def save_png(fig, where: str | os.PathLike | Location) -> Location:
 
 def plot_loss_curves(run: str | os.PathLike | Location, out_png: str | os.PathLike | Location,
                      title: str = "pretraining") -> Location:
-    """Training and held-out loss against step, from a pretraining run's metrics.jsonl."""
+    """Training and held-out cross-entropy against step, from a pretraining run's metrics.jsonl; the auxiliary
+    losses the model also trains with (MoE balance, z, early exit) as a separate line when there are any (runs written
+    before ``train_ce`` was logged plot their total training loss, labelled so)."""
     plt = pyplot()
     rows = read_metrics(run)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    train = [(r["step"], r.get("train_ce", r.get("loss"))) for r in rows if "loss" in r]
+    aux = [(r["step"], r["aux_loss"]) for r in rows if r.get("aux_loss")]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        has_ce = any("train_ce" in r for r in rows)
+        ax.plot(*zip(*train), label="train cross-entropy" if has_ce else "train loss (cross-entropy + auxiliary)")
     if evals:
-        ax.plot(*zip(*evals), marker="o", label="held-out loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+        ax.plot(*zip(*evals), marker="o", label="held-out cross-entropy")
+    if aux:
+        ax.plot(*zip(*aux), linestyle="--", color="gray", label="auxiliary losses (not in cross-entropy)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("nats/token")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return save_png(fig, out_png)
 
@@ -53,7 +59,7 @@ def plot_loss_curves(run: str | os.PathLike | Location, out_png: str | os.PathLi
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         if isinstance(v, float):
-            return f"{v:,.4g}"
+            return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:,.4g}"
         return "" if v is None else str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

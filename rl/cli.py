@@ -24,8 +24,10 @@ def _cmd_train(args) -> int:
     if args.trust_checkpoint:
         flags["trust_checkpoint"] = True
     summary = train_ppo(load_config(RLTrainConfig, args.config, args.overrides, **flags))
-    print(f"[memtrain rl] done: {summary['iterations']} iterations, return {summary['first_return']} -> "
-          f"{summary['final_return']}; policy {summary['policy']}")
+    first, final = summary["first_return"], summary["final_return"]
+    returns = (f"training return (mean over the iteration's episodes) {first:.3f} -> {final:.3f}"
+               if first is not None and final is not None else "no episode finished")
+    print(f"[memtrain rl] done: {summary['iterations']} iterations, {returns}; policy {summary['policy']}")
     return 0
 
 
@@ -56,6 +58,8 @@ def _cmd_eval(args) -> int:
         raise RLError(f"the policy in {policy_dir} was trained on env {learned.env_name!r}, not {args.env!r}")
     run_config = policy_dir.parent / "config.yaml"
     env_config = (run_config.read_yaml() or {}).get("env_config", {}) if run_config.is_file() else {}
+    if env_config.get("entities") == "train":  # a meta policy trained on the train entities meets the held-out ones
+        env_config["entities"] = "heldout"
     for item in args.overrides:
         key, _, value = item.partition("=")
         env_config[key.removeprefix("env_config.")] = yaml.safe_load(value)
@@ -69,7 +73,9 @@ def _cmd_eval(args) -> int:
     seeds = list(range(1000, 1000 + args.seeds))  # held out: training uses seeds below 1000
     if args.env == "meta" and env_config.get("memory", "actor") == "actor":
         ensure_ray()  # the env reaches the shared memory actor
-    rows = evaluate(args.env, env_config, policies, seeds, args.episodes)
+    # thermo: every seed is a held-out task stream of its own (task_seed = seed; training streams count from 0)
+    seed_config = (lambda seed: {"task_seeds": [seed]}) if args.env == "thermo" else None
+    rows = evaluate(args.env, env_config, policies, seeds, args.episodes, seed_config)
     out = write_report(rows, args.output or policy_dir.parent / "eval", f"{args.env} controller: learned vs fixed")
     print((out / "results.md").read_text())
     return 0
@@ -120,7 +126,9 @@ def register(subparsers) -> None:
     tn.add_argument("overrides", nargs="*", metavar="key=value",
                     help="e.g. lr=[1e-4,1e-3] entropy_coeff=[0,0.01] base.env_config.reward=tiur")
     tn.set_defaults(func=_cmd_tune)
-    ev = sub.add_parser("eval", help="a learned policy against fixed baselines, 95%% intervals over seeds")
+    ev = sub.add_parser("eval", help="a learned policy against fixed baselines on held-out seeds (thermo: held-out "
+                                     "task streams; meta: held-out entities when trained on entities=train), 95%% "
+                                     "intervals over seeds")
     ev.add_argument("env")
     ev.add_argument("--policy", required=True,
                     help="run folder of `memtrain rl train` (or its policy/): a path or a URI (s3://...)")

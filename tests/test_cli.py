@@ -5,10 +5,12 @@ import logging
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from models.hmst.facts import FactConfig, FactWorld
 from orchestration.cli import build_parser, main
+from orchestration.storage import Location
 
 COMMANDS = [name for name in build_parser()._subparsers._group_actions[0].choices]
 
@@ -32,18 +34,47 @@ def test_models_lists_every_preset_with_counts(capsys):
 
 
 def test_pipeline_quick_profile_writes_report_and_resumes(ray_session, tmp_path, caplog):
+    from orchestration.pipeline import _meta_env_config, PipelineConfig
+    from rl.envs import make_env
+    from rl.envs.meta import baseline_policies
+    from rl.evaluate import run_episodes
+
     argv = ["pipeline", "--quick", "--output", str(tmp_path), f"pretrain.data.cache_dir={tmp_path / 'shards'}",
             "pretrain.data.max_documents=400"]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["pretrain"]["final_eval_loss"] < summary["pretrain"]["first_eval_loss"]
-    assert (tmp_path / "report.md").read_text().startswith("# memtrain pipeline report")
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# memtrain pipeline report") and "Quick profile: a smoke run" in report
     assert (tmp_path / "plots" / "pretrain_loss.png").stat().st_size > 1000
     semantic_facts = FactWorld(FactConfig(n_entities=30)).by_placement("semantic")  # the quick profile's world
     assert summary["memory"]["count"] == len(semantic_facts) and summary["memory"]["recall_at_1"] > 0.8
-    assert {row["policy"] for row in summary["meta_eval"]} == {"learned", "all_on", "all_off", "retrieval_only",
-                                                                 "random"}
-    for png in ("memory_latency.png", "meta_returns.png", "thermo_returns.png"):
+    for row in summary["retrieval"]:  # exact match over every semantic question, inside its own interval
+        assert row["questions"] == len(semantic_facts) and row["low"] <= row["exact_match"] <= row["high"]
+
+    # the meta comparison: an episode re-run outside the pipeline scores what the table says, and the paired
+    # differences are those of the per-seed returns
+    rows = {r["policy"]: r for r in summary["meta_eval"]}
+    assert set(rows) == {"learned", "all_on", "all_off", "retrieval_only", "semantic_exit", "random"}
+    best = rows[summary["meta_best_fixed"]]
+    assert best["return_mean"] == max(r["return_mean"] for name, r in rows.items() if name not in ("learned", "random"))
+    for row in rows.values():
+        paired = np.mean(np.subtract(row["per_seed"], best["per_seed"]))
+        assert row["diff"] == pytest.approx(paired) and row["return_mean"] == pytest.approx(np.mean(row["per_seed"]))
+    env_config = {**_meta_env_config(PipelineConfig(output=str(tmp_path), facts=FactConfig(n_entities=30)),
+                                     Location(str(tmp_path))), "queries": 4, "entities": "heldout"}
+    env = make_env("meta", {**env_config, "seed": 1000})
+    again = run_episodes(env, baseline_policies(env_config)["all_off"], seed=1000, episodes=1)
+    assert again["return"] == pytest.approx(rows["all_off"]["per_seed"][0])
+
+    thermo = {r["policy"]: r for r in summary["thermo_eval"]}
+    best_name = f"best fixed ({summary['thermo_best_fixed']})"
+    assert set(thermo) == {"learned", best_name, "source-default"}
+    assert summary["thermo_best_fixed"] == summary["thermo_grid"][0]["policy"]  # chosen on the training streams
+    assert thermo["learned"]["diff"] == pytest.approx(np.mean(np.subtract(thermo["learned"]["per_seed"],
+                                                                          thermo[best_name]["per_seed"])))
+    for png in ("memory_latency.png", "meta_returns.png", "thermo_returns.png", "retrieval.png",
+                "meta_comparison.png", "thermo_comparison.png"):
         assert (tmp_path / "plots" / png).stat().st_size > 1000
     with caplog.at_level(logging.INFO, logger="orchestration.pipeline"):
         assert main(argv) == 0  # a second run skips the finished pretraining stage

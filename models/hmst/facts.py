@@ -152,6 +152,29 @@ class FactWorld:
             raise ModelError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
         return [f for f in self.facts if f.placement == placement]
 
+    def split(self, facts: list[Fact], part: str, heldout_fraction: float) -> list[Fact]:
+        """The facts of ``part`` ("train", "heldout" or "all") of a seeded entity split: ``heldout_fraction`` of
+        the world's entities (drawn from the seed alone, so every process agrees) are held out. A controller trained
+        on sessions about the train entities is evaluated on questions about entities it never saw.
+
+        Example::
+
+            >>> world = FactWorld(FactConfig(seed=0, n_entities=20))
+            >>> facts = world.by_placement("semantic")
+            >>> train, held = world.split(facts, "train", 0.25), world.split(facts, "heldout", 0.25)
+            >>> len(train) + len(held) == len(facts) and not {f.entity for f in train} & {f.entity for f in held}
+            True
+        """
+        if part not in ("train", "heldout", "all"):
+            raise ModelError(f"unknown entity split {part!r}; choose train, heldout or all")
+        if not 0 <= heldout_fraction < 1:
+            raise ModelError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+        if part == "all":
+            return list(facts)
+        rng = random.Random(f"split-{self.cfg.seed}")
+        heldout = set(rng.sample(self.entities, round(heldout_fraction * len(self.entities))))
+        return [f for f in facts if (f.entity in heldout) == (part == "heldout")]
+
     def semantic_key(self, embedder_signature: str) -> str:
         """The idempotency key of filling a memory with this world's semantic facts under one embedder: every
         process that fills one (the pipeline, each env runner) uses it, so the facts go in once."""

@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from dataclasses import dataclass
@@ -73,6 +74,12 @@ class MetaEnvConfig:
     """Seed of the fact world (use the one the checkpoint's corpus was written with)."""
     n_entities: int = 120
     """Entities of the fact world."""
+    entities: str = "all"
+    """Which entities the questions are about: "train", "heldout" (a seeded ``heldout_fraction`` of the world's
+    entities, see ``FactWorld.split``: train a controller on "train" and evaluate it on "heldout", entities it never
+    saw) or "all"."""
+    heldout_fraction: float = 0.25
+    """Share of the world's entities held out from "train" sessions."""
     queries: int = 6
     """Questions per episode (env steps)."""
     told: int = 2
@@ -101,6 +108,10 @@ class MetaEnvConfig:
         for name in ("queries", "query_dims", "max_new_tokens", "n_entities"):
             if getattr(self, name) < 1:
                 raise RLError(f"env_config.{name} must be >= 1, got {getattr(self, name)}")
+        if self.entities not in ("train", "heldout", "all"):
+            raise RLError(f"env_config.entities must be train, heldout or all, got {self.entities!r}")
+        if not 0 < self.heldout_fraction < 1:
+            raise RLError(f"env_config.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.told < 0 or self.cost_weight < 0 or self.calibration_weight < 0:
             raise RLError("env_config.told, cost_weight and calibration_weight must be >= 0")
         mix = tuple(float(m) for m in self.question_mix)
@@ -221,11 +232,12 @@ class MetaControllerEnv(gym.Env):
         rng = random.Random(int(self.np_random.integers(2**31)))
         cfg = self.cfg
         self.session = self.engine.session()
-        told = rng.sample(self.world.by_placement("context"), min(cfg.told, len(self.world.by_placement("context"))))
+        pools = {p: self.world.split(self.world.by_placement(p), cfg.entities, cfg.heldout_fraction)
+                 for p in PLACEMENTS}
+        told = rng.sample(pools["context"], min(cfg.told, len(pools["context"])))
         for fact in told:
             self.session.tell(fact.statement())
-        pools = {"semantic": self.world.by_placement("semantic"), "context": told,
-                 "pretraining": self.world.by_placement("pretraining")}
+        pools["context"] = told
         weights = [w if pools[p] else 0.0 for p, w in zip(PLACEMENTS, cfg.question_mix)]
         self._questions = [rng.choice(pools[p]) for p in rng.choices(PLACEMENTS, weights=weights, k=cfg.queries)]
         self._step = 0
@@ -294,16 +306,42 @@ class RandomPolicy:
         return self.rng.integers(0, self.nvec)
 
 
+def fixed_combinations(n_experts: int, experts: list[int] | None = None) -> dict[str, FixedPolicy]:
+    """Every fixed setting of the five gates: 2^4 on/off gates x the expert-bias values ``experts`` (0 = none, e
+    biases expert e - 1; default all n_experts + 1), named by the gates that are on ("none" for all off), e.g.
+    "exit+semantic" or "semantic+expert2+verify". ``experts=[0, 1]`` gives the 2^5 = 32 on/off settings.
+
+    Example::
+
+        >>> combos = fixed_combinations(n_experts=4, experts=[0, 1])
+        >>> len(combos), "none" in combos, "exit+episodic+semantic+expert1+verify" in combos
+        (32, True, True)
+    """
+    experts = list(range(n_experts + 1)) if experts is None else experts
+    if not experts or min(experts) < 0 or max(experts) > n_experts:
+        raise RLError(f"expert-bias values must be in 0..{n_experts} (0 = none), got {experts}")
+    combos = {}
+    for bits in itertools.product((False, True), repeat=4):
+        for expert in experts:
+            decisions = Decisions(early_exit=bits[0], episodic=bits[1], semantic=bits[2], expert=expert, verify=bits[3])
+            on = [name for name, flag in zip(("exit", "episodic", "semantic"), bits[:3]) if flag]
+            on += [f"expert{expert}"] * (expert > 0) + ["verify"] * bits[3]
+            combos["+".join(on) or "none"] = FixedPolicy(decisions)
+    return combos
+
+
 def baseline_policies(env_config: dict | None = None) -> dict:
-    """The fixed baselines `memtrain rl eval meta` compares against: all gates on, all off, retrieval only, random.
+    """The named fixed baselines `memtrain rl eval meta` compares against: all gates on, all off, retrieval only,
+    semantic retrieval with early exit, random (``fixed_combinations`` has every other fixed setting).
 
     Example::
 
         >>> sorted(baseline_policies({"memory": "local"}))
-        ['all_off', 'all_on', 'random', 'retrieval_only']
+        ['all_off', 'all_on', 'random', 'retrieval_only', 'semantic_exit']
     """
     cfg = from_dict(MetaEnvConfig, dict(env_config or {}))
     return {"all_on": FixedPolicy(Decisions(episodic=True, semantic=True, verify=True)),
             "all_off": FixedPolicy(Decisions()),
             "retrieval_only": FixedPolicy(Decisions(episodic=True, semantic=True)),
+            "semantic_exit": FixedPolicy(Decisions(early_exit=True, semantic=True)),
             "random": RandomPolicy(n_experts_of(cfg), seed=cfg.seed)}

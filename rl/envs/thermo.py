@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,10 +67,16 @@ class ThermoEnvConfig:
     """Upper end of the router temperature range."""
     seed: int = 0
     """Seed of the first episode's model (later episodes get the seeds reset() passes, or continue counting)."""
+    task_seeds: list[int] = field(default_factory=lambda: [0])
+    """``stream.task_seed`` of the episodes' task streams (new permutations, document splits, domain orders), used
+    in turn: episode i runs on stream task_seeds[i mod n]. Train on some and evaluate on others to measure a
+    controller on streams it never saw."""
 
     def __post_init__(self):
         if self.reward not in ("retention", "tiur"):
             raise RLError(f"reward must be retention or tiur, got {self.reward!r}")
+        if not self.task_seeds:
+            raise RLError("task_seeds must name at least one task stream")
         if not 0 < self.replay_max < 1 or self.noise_max < 0 or not 0 < self.temperature_min <= self.temperature_max:
             raise RLError("need 0 < replay_max < 1, noise_max >= 0 and 0 < temperature_min <= temperature_max")
 
@@ -124,19 +131,27 @@ class ThermoControllerEnv(gym.Env):
 
     def __init__(self, env_config: dict | None = None):
         self.cfg, self.continual = env_settings(dict(env_config or {}))
-        self.runner = ContinualRunner(self.continual)  # builds (or reads the cached) task stream once
-        from models.registry import model_config
-
-        model_cfg = model_config(self.continual.model, **self.continual.model_overrides)
-        self.k_max = int(getattr(model_cfg, "max_k", 1))
+        # one runner per task stream, each built (or read from the cache) once, on the first episode that needs it
+        self._runners: dict[int, ContinualRunner] = {}
+        self._episode = 0
+        self.runner = self._runner(self.cfg.task_seeds[0])
+        self.k_max = _k_max(self.continual)
         self.observation_space = gym.spaces.Box(-20.0, 20.0, shape=(len(OBSERVATION_FIELDS),), dtype=np.float32)
         self.action_space = action_space(self.k_max)
         self._episode_seed = self.cfg.seed
+
+    def _runner(self, task_seed: int) -> ContinualRunner:
+        if task_seed not in self._runners:
+            stream = dataclasses.replace(self.continual.stream, task_seed=int(task_seed))
+            self._runners[task_seed] = ContinualRunner(dataclasses.replace(self.continual, stream=stream))
+        return self._runners[task_seed]
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         if seed is not None:
             self._episode_seed = seed
+        self.runner = self._runner(self.cfg.task_seeds[self._episode % len(self.cfg.task_seeds)])
+        self._episode += 1
         signals = self.runner.reset(self._episode_seed)
         self._episode_seed += 1
         self._seen = (1, self.runner.evaluate_tasks("validation", [0])[0])  # (tasks seen, their mean loss)
@@ -177,17 +192,40 @@ class FixedKnobsPolicy:
         return self.action
 
 
+def _k_max(continual: ContinualConfig) -> int:
+    from models.registry import model_config
+
+    return int(getattr(model_config(continual.model, **continual.model_overrides), "max_k", 1))
+
+
 def baseline_policies(env_config: dict) -> dict[str, FixedKnobsPolicy]:
     """A grid of fixed knob settings, the source's default (k 2, replay 0.10, noise 0.30, temperature 1.0) first."""
     cfg, continual = env_settings(dict(env_config))
-    from models.registry import model_config
-
-    k_max = int(getattr(model_config(continual.model, **continual.model_overrides), "max_k", 1))
+    k_max = _k_max(continual)
     grid = {"source-default": Knobs(min(2, k_max), 0.10, 0.30, 1.0)}
     for k in range(1, k_max + 1):
         for replay in (0.0, 0.3):
             grid[f"k{k}-replay{replay:.1f}"] = Knobs(k, replay, 0.30, 1.0)
     return {name: FixedKnobsPolicy(knobs, cfg) for name, knobs in grid.items()}
+
+
+def knob_grid(env_config: dict, replay: tuple[float, ...] = (0.0, 0.25, 0.5), noise: tuple[float, ...] = (0.0, 0.3),
+              temperature: tuple[float, ...] = (0.7, 1.0, 1.3)) -> dict[str, FixedKnobsPolicy]:
+    """Every fixed setting of a grid over k (1..k_max), replay ratio, router noise and temperature, named like
+    "k1-r0.25-n0.3-t1.0": the search space of the best fixed controller a learned one must beat.
+
+    Example::
+
+        >>> grid = knob_grid({}, replay=(0.0, 0.5), noise=(0.3,), temperature=(1.0,))   # doctest: +SKIP
+        >>> sorted(grid)                                                                 # doctest: +SKIP
+        ['k1-r0-n0.3-t1', 'k1-r0.5-n0.3-t1', 'k2-r0-n0.3-t1', 'k2-r0.5-n0.3-t1']
+    """
+    cfg, continual = env_settings(dict(env_config))
+    grid = {}
+    for k, r, n, t in itertools.product(range(1, _k_max(continual) + 1), replay, noise, temperature):
+        knobs = Knobs(k, min(r, 0.999), n, t)
+        grid[f"k{k}-r{r:g}-n{n:g}-t{t:g}"] = FixedKnobsPolicy(knobs, cfg)
+    return grid
 
 
 class LearnedThermoController:
