@@ -437,6 +437,17 @@ def _plot_intervals(rows: list[dict], label: str, value: str, out_png: Location,
     return save_png(fig, out_png)
 
 
+def _comparison(shown: list[dict], rows: list[dict], folder: Location, reference: str, title: str,
+                xlabel: str) -> tuple[list[dict], Location]:
+    """All ``rows`` to <folder>/results.*; the ``shown`` ones with their verdicts against ``reference``, and their
+    interval plot (<folder>/comparison.png) for the report."""
+    from rl.evaluate import write_report
+
+    write_report(rows, folder, title)
+    shown = [{**row, "verdict": _verdict(row, reference)} for row in shown]
+    return shown, _plot_intervals(shown, "policy", "return_mean", folder / "comparison.png", title, xlabel)
+
+
 def _verdict(row: dict, reference: str) -> str:
     """One line: the paired difference from the reference with its interval, and whether it is significant."""
     if row["significant"] is None:
@@ -476,8 +487,6 @@ def _rounded(rows: list[dict], digits: int = 3) -> list[dict]:
 
 
 def run_pipeline(cfg: PipelineConfig, profile: str = "default") -> dict:
-    from rl.evaluate import write_report
-
     from orchestration.ray_utils import ensure_ray
 
     out = Location(cfg.output)
@@ -523,22 +532,17 @@ def run_pipeline(cfg: PipelineConfig, profile: str = "default") -> dict:
                                     "exact match over the semantic-placement questions")
     meta_png = _plot_returns(out / "rl-meta", plots / "meta_returns.png",
                              "HMST meta-controller: PPO training return (training entities)")
-    write_report(meta_rows, out / "meta-eval", "HMST meta-controller vs fixed policies (held-out entities)")
-    named = ["learned", best_meta, "all_on", "all_off", "retrieval_only", "semantic_exit", "random"]
-    meta_shown = [r for r in meta_rows if r["policy"] in named]
-    for row in meta_shown:
-        row["verdict"] = _verdict(row, f"the best fixed setting ({best_meta})")
-    meta_cmp_png = _plot_intervals(meta_shown, "policy", "return_mean", plots / "meta_comparison.png",
-                                   "meta-controller on held-out entities: learned vs fixed (95% CI over seeds)",
-                                   "mean episode return")
+    meta_shown, meta_cmp_png = _comparison(
+        [r for r in meta_rows if r["policy"] in ("learned", best_meta, "all_on", "all_off", "retrieval_only",
+                                                 "semantic_exit", "random")],
+        meta_rows, out / "meta-eval", f"the best fixed setting ({best_meta})",
+        "meta-controller on held-out entities: learned vs fixed (95% CI over seeds)", "mean episode return")
     thermo_png = _plot_returns(out / "rl-thermo", plots / "thermo_returns.png",
                                "thermodynamic controller: PPO training return (training streams)")
-    write_report(thermo_rows, out / "thermo-eval", "thermodynamic controller vs fixed knobs (held-out streams)")
-    for row in thermo_rows:
-        row["verdict"] = _verdict(row, f"the best fixed knobs ({best_knobs})")
-    thermo_cmp_png = _plot_intervals(thermo_rows, "policy", "return_mean", plots / "thermo_comparison.png",
-                                     "thermodynamic controller on held-out streams (95% CI over streams)",
-                                     "mean episode return (retention - compute)")
+    thermo_rows, thermo_cmp_png = _comparison(
+        thermo_rows, thermo_rows, out / "thermo-eval", f"the best fixed knobs ({best_knobs})",
+        "thermodynamic controller on held-out streams (95% CI over streams)",
+        "mean episode return (retention - compute)")
     cl_rows = [{"controller": name, **{k: r.get(k) for k in ("avg_final_loss", "forgetting", "backward_transfer",
                                                               "forward_transfer")},
                 "mean_k": r["mean_knobs"]["k"], "mean_replay": r["mean_knobs"]["replay_ratio"]}

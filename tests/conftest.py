@@ -46,3 +46,15 @@ def s3_server(tmp_path_factory):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def thermo_env_config(tmp_path_factory):
+    """A thermo env stream small enough for tests: 2 tasks x 6 steps of a 2-layer sparse model on 16-token windows."""
+    cache = tmp_path_factory.mktemp("thermo-cache")
+    return {"continual": {
+        "model_overrides": {"d_model": 32, "n_heads": 2, "n_layers": 2, "n_experts": 16, "group_size": 8,
+                            "expert_rank": 4},
+        "data": {"seq_len": 16, "max_documents": 200, "cache_dir": str(cache)},
+        "stream": {"n_tasks": 2}, "max_steps_per_task": 6, "control_interval": 3, "batch_size": 4,
+        "eval_windows": 4}}

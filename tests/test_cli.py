@@ -73,9 +73,9 @@ def test_pipeline_quick_profile_writes_report_and_resumes(ray_session, tmp_path,
     assert summary["thermo_best_fixed"] == summary["thermo_grid"][0]["policy"]  # chosen on the training streams
     assert thermo["learned"]["diff"] == pytest.approx(np.mean(np.subtract(thermo["learned"]["per_seed"],
                                                                           thermo[best_name]["per_seed"])))
-    for png in ("memory_latency.png", "meta_returns.png", "thermo_returns.png", "retrieval.png",
-                "meta_comparison.png", "thermo_comparison.png"):
-        assert (tmp_path / "plots" / png).stat().st_size > 1000
+    for png in ("plots/memory_latency.png", "plots/meta_returns.png", "plots/thermo_returns.png",
+                "plots/retrieval.png", "meta-eval/comparison.png", "thermo-eval/comparison.png"):
+        assert (tmp_path / png).stat().st_size > 1000
     with caplog.at_level(logging.INFO, logger="orchestration.pipeline"):
         assert main(argv) == 0  # a second run skips the finished pretraining stage
     assert "pretraining already finished at step 30" in caplog.text

@@ -61,19 +61,8 @@ def test_wilson_interval_matches_scipy(hits, n):
     assert wilson_ci95(hits, n) == pytest.approx((expected.low, expected.high), abs=1e-6)
 
 
-@pytest.fixture(scope="module")
-def thermo_config(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("thermo-cache")
-    return {"continual": {
-        "model_overrides": {"d_model": 32, "n_heads": 2, "n_layers": 2, "n_experts": 16, "group_size": 8,
-                            "expert_rank": 4},
-        "data": {"seq_len": 16, "max_documents": 200, "cache_dir": str(cache)},
-        "stream": {"n_tasks": 2}, "max_steps_per_task": 6, "control_interval": 3, "batch_size": 4,
-        "eval_windows": 4}}
-
-
-def test_thermo_episodes_cycle_through_their_task_streams(thermo_config):
-    env = ThermoControllerEnv({**thermo_config, "task_seeds": [0, 7]})
+def test_thermo_episodes_cycle_through_their_task_streams(thermo_env_config):
+    env = ThermoControllerEnv({**thermo_env_config, "task_seeds": [0, 7]})
     streams = []
     for episode in range(3):
         env.reset(seed=episode)
@@ -83,10 +72,10 @@ def test_thermo_episodes_cycle_through_their_task_streams(thermo_config):
     assert not np.array_equal(first, second)  # another task_seed: other permutations and document split
 
 
-def test_knob_grid_and_seed_config_evaluate_each_stream(thermo_config):
-    grid = knob_grid(thermo_config, replay=(0.0, 0.5), noise=(0.3,), temperature=(1.0,))
+def test_knob_grid_and_seed_config_evaluate_each_stream(thermo_env_config):
+    grid = knob_grid(thermo_env_config, replay=(0.0, 0.5), noise=(0.3,), temperature=(1.0,))
     assert sorted(grid) == ["k1-r0-n0.3-t1", "k1-r0.5-n0.3-t1", "k2-r0-n0.3-t1", "k2-r0.5-n0.3-t1"]
-    rows = evaluate("thermo", thermo_config, {name: grid[name] for name in ("k1-r0-n0.3-t1", "k2-r0-n0.3-t1")},
+    rows = evaluate("thermo", thermo_env_config, {name: grid[name] for name in ("k1-r0-n0.3-t1", "k2-r0-n0.3-t1")},
                     seeds=[3, 4], episodes=1, seed_config=lambda stream: {"task_seeds": [stream]})
     by_name = {r["policy"]: r for r in rows}
     # the compute part is -penalty * k / k_max per interval, 4 intervals: k 1 pays half of k 2

@@ -15,19 +15,8 @@ from rl.policy import LearnedPolicy
 from rl.train import RLTrainConfig, train_ppo
 
 
-@pytest.fixture(scope="module")
-def env_config(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("thermo-cache")
-    return {"continual": {
-        "model_overrides": {"d_model": 32, "n_heads": 2, "n_layers": 2, "n_experts": 16, "group_size": 8,
-                            "expert_rank": 4},
-        "data": {"seq_len": 16, "max_documents": 200, "cache_dir": str(cache)},
-        "stream": {"n_tasks": 2}, "max_steps_per_task": 6, "control_interval": 3, "batch_size": 4,
-        "eval_windows": 4}}
-
-
-def test_env_contract_and_episode(env_config):
-    env = ThermoControllerEnv(env_config)
+def test_env_contract_and_episode(thermo_env_config):
+    env = ThermoControllerEnv(thermo_env_config)
     check_env(env, skip_render_check=True)
     obs, _ = env.reset(seed=3)
     assert obs.shape == env.observation_space.shape
@@ -39,9 +28,9 @@ def test_env_contract_and_episode(env_config):
     assert steps == 4  # 2 tasks x 6 steps / 3 steps per interval
 
 
-def test_action_knob_mapping_round_trips(env_config):
-    env = ThermoControllerEnv(env_config)
-    for policy in baseline_policies(env_config).values():
+def test_action_knob_mapping_round_trips(thermo_env_config):
+    env = ThermoControllerEnv(thermo_env_config)
+    for policy in baseline_policies(thermo_env_config).values():
         assert env.action_space.contains(policy.action)
         back = knobs_from_action(policy.action, env.cfg)
         assert (back.k, round(back.replay_ratio, 6), round(back.router_noise, 6)) == (
@@ -50,12 +39,12 @@ def test_action_knob_mapping_round_trips(env_config):
         ThermoControllerEnv({"rewards": "tiur"})
 
 
-def test_ppo_lstm_policy_outside_rllib_and_in_the_runner(ray_session, env_config, tmp_path):
+def test_ppo_lstm_policy_outside_rllib_and_in_the_runner(ray_session, thermo_env_config, tmp_path):
     run = tmp_path / "rl"
     cfg = load_config(RLTrainConfig, overrides=[
         "env=thermo", "iterations=2", f"output={run}", "ppo.use_lstm=true", "ppo.lstm_cell_size=16",
         "ppo.max_seq_len=4", "ppo.train_batch_size=16", "ppo.minibatch_size=8", "ppo.num_epochs=1",
-        "ppo.fcnet_hiddens=[16]"], env_config=env_config)
+        "ppo.fcnet_hiddens=[16]"], env_config=thermo_env_config)
     summary = train_ppo(cfg)
     assert summary["iterations"] == 2
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -68,7 +57,7 @@ def test_ppo_lstm_policy_outside_rllib_and_in_the_runner(ray_session, env_config
     algo = Algorithm.from_checkpoint(summary["checkpoint"])
     restored = LearnedPolicy(algo.get_module(), exported.spec)
     algo.stop()
-    env = ThermoControllerEnv(env_config)
+    env = ThermoControllerEnv(thermo_env_config)
     obs, _ = env.reset(seed=0)
     for _ in range(3):
         a, b = exported.act(obs), restored.act(obs)
@@ -77,7 +66,7 @@ def test_ppo_lstm_policy_outside_rllib_and_in_the_runner(ray_session, env_config
 
     # and it steers a continual-learning run through the same controller interface as the fixed ones
     out = tmp_path / "cl"
-    c = env_config["continual"]
+    c = thermo_env_config["continual"]
     assert main(["continual", "--controller", str(run), "--tasks", "2", "--max-steps-per-task", "6",
                  "--output", str(out), "--data", "builtin", "control_interval=3", "batch_size=4", "eval_windows=4",
                  "data.seq_len=16", "data.tokenizer=bytes", f"data.cache_dir={c['data']['cache_dir']}",
