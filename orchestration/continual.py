@@ -598,13 +598,13 @@ def _finish(run: Location, cfg: ContinualConfig, runner: ContinualRunner, names:
     """Matrix CSV, plots and summary.json (last) of a finished run."""
     s = runner.state
     (run / "eval_matrix.csv").write_text(matrix_csv(runner.matrix, names, runner.baseline))
-    plot_matrix(runner.matrix, names, runner.baseline, run / "eval_matrix.png")
-    all_rows = MetricsLog(run / METRICS_FILE).rows()
-    rows = [r for r in all_rows if r["kind"] == "interval"]
-    switches = [r["step"] for r in all_rows if r["kind"] == "eval"][:-1]
     knobs = cfg.fixed_knobs
     title = (f"fixed knobs: k {knobs.k}, replay {knobs.replay_ratio:g}, noise {knobs.router_noise:g}, temperature "
              f"{knobs.router_temperature:g}" if cfg.controller == "fixed" else f"knobs set by controller {cfg.controller}")
+    plot_matrix(runner.matrix, names, runner.baseline, run / "eval_matrix.png", title)
+    all_rows = MetricsLog(run / METRICS_FILE).rows()
+    rows = [r for r in all_rows if r["kind"] == "interval"]
+    switches = [r["step"] for r in all_rows if r["kind"] == "eval"][:-1]
     plot_knobs(rows, switches, run / "knobs.png", title)
     summary = {
         "status": "finished",

@@ -61,8 +61,9 @@ def matrix_csv(matrix: list[list[float]], task_names: list[str], baseline: list[
 
 
 def plot_matrix(matrix: list[list[float]], task_names: list[str], baseline: list[float] | None,
-                out_png: str | os.PathLike | Location) -> Location:
-    """Heatmap of the evaluation matrix (rows: after training a task; columns: evaluated task)."""
+                out_png: str | os.PathLike | Location, subtitle: str = "") -> Location:
+    """Heatmap of the evaluation matrix (rows: after training a task; columns: evaluated task); ``subtitle`` names
+    the run (e.g. its controller)."""
     plt = pyplot()
     rows = ([baseline] if baseline is not None else []) + matrix
     labels = (["init"] if baseline is not None else []) + [f"after {n}" for n in task_names[:len(matrix)]]
@@ -74,7 +75,7 @@ def plot_matrix(matrix: list[list[float]], task_names: list[str], baseline: list
     for (i, j), v in np.ndenumerate(data):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v > data.mean() else "k", fontsize=8)
     fig.colorbar(im, ax=ax, label="held-out loss (nats/token)")
-    ax.set_title("evaluation matrix (test split)")
+    ax.set_title("evaluation matrix (test split)" + (f"\n{subtitle}" if subtitle else ""), fontsize=9)
     return save_png(fig, out_png)
 
 
