@@ -342,7 +342,7 @@ def _stage_meta_eval(cfg: PipelineConfig, out: Location) -> tuple[list[dict], st
     named = baseline_policies(env_config)
     policies = {"learned": LearnedPolicy.load(out / "rl-meta" / "policy"), **named, **fixed}
     seeds = list(range(cfg.heldout_seed, cfg.heldout_seed + cfg.meta_eval_seeds))
-    log.info("stage 5/%d: the meta-controller against %d fixed policies on held-out entities (%d seeds x %d "
+    log.info("stage 5/%d: the meta-controller against %d other policies on held-out entities (%d seeds x %d "
              "sessions)", STAGES, len(policies) - 1, len(seeds), cfg.meta_eval_episodes)
     rows = evaluate("meta", env_config, policies, seeds=seeds, episodes=cfg.meta_eval_episodes)
     # the baseline: the best fixed setting (chosen on the held-out sessions themselves, which favours it)
