@@ -4,7 +4,7 @@ Example::
 
     >>> import numpy as np, tempfile
     >>> from memory_service import LocalMemory, MemoryConfig
-    >>> with LocalMemory(MemoryConfig(dim=8, path=tempfile.mkdtemp())) as mem:
+    >>> with tempfile.TemporaryDirectory() as path, LocalMemory(MemoryConfig(dim=8, path=path)) as mem:
     ...     ids = mem.add(np.random.rand(3, 8).astype(np.float32), ["a", "b", "c"])
     ...     mem.stats()["count"]
     3

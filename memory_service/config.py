@@ -39,9 +39,9 @@ class MemoryConfig:
     """Which entries make room at capacity: 'oldest' (smallest id first) or 'lru' (least recently retrieved by a search, then oldest)."""
     path: str | None = None
     """Directory holding the store, the write-ahead log and snapshots, on the disk of the node that serves the memory.
-    None keeps an ephemeral memory in a private temp dir that close() deletes. The shared actor resolves a relative
-    path on its own node, under MEMTRAIN_MEMORY_ROOT (default ~/.cache/memtrain/memory), never in the caller's
-    working directory."""
+    None keeps an ephemeral memory in a private temp dir, deleted by close() (one never closed: when it is
+    garbage-collected or the interpreter exits). The shared actor resolves a relative path on its own node, under
+    MEMTRAIN_MEMORY_ROOT (default ~/.cache/memtrain/memory), never in the caller's working directory."""
     backup: str = ""
     """Shared storage every acknowledged write also reaches before it is acknowledged, and snapshots are copied to: a
     URI (s3://bucket/memories/semantic, gs://...) or a folder every node mounts. A memory whose path holds no store

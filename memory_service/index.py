@@ -16,11 +16,14 @@ import numpy as np
 
 from memory_service.config import MemoryConfig
 from memory_service.errors import MemoryServiceError
+from memory_service.progress import progress
 
 # FAISS warns below 39 training points per centroid: k-means is unreliable with fewer.
 MIN_POINTS_PER_LIST = 39
 # Cap k-means input so retraining a large memory stays a few seconds on a small CPU.
 MAX_POINTS_PER_LIST = 64
+# Vectors per FAISS add call in a bulk add, so its progress bar moves between calls.
+ADD_CHUNK = 16_384
 
 
 def gpu_available() -> bool:
@@ -31,6 +34,17 @@ def gpu_available() -> bool:
 def derived_nlist(n: int) -> int:
     """IVF lists for n vectors: about sqrt(n), and never fewer than 39 training points per list."""
     return max(1, min(int(math.sqrt(n)), n // MIN_POINTS_PER_LIST))
+
+
+def _add_in_chunks(index: faiss.Index, ids_N: np.ndarray, vectors_ND: np.ndarray, desc: str) -> None:
+    """``index.add_with_ids``; a bulk add goes in chunks under a progress bar (small adds stay one call)."""
+    if ids_N.size <= ADD_CHUNK:
+        index.add_with_ids(vectors_ND, ids_N)
+        return
+    with progress(desc=desc, total=int(ids_N.size), unit="vec") as bar:
+        for i in range(0, ids_N.size, ADD_CHUNK):
+            index.add_with_ids(vectors_ND[i:i + ADD_CHUNK], ids_N[i:i + ADD_CHUNK])
+            bar.update(min(ADD_CHUNK, ids_N.size - i))
 
 
 class VectorIndex:
@@ -126,7 +140,8 @@ class VectorIndex:
         return np.ascontiguousarray(vectors_ND / norms_N1, dtype=np.float32)
 
     def add(self, ids_N: np.ndarray, vectors_ND: np.ndarray) -> None:
-        self._index.add_with_ids(self._prepare(vectors_ND), np.ascontiguousarray(ids_N, dtype=np.int64))
+        _add_in_chunks(self._index, np.ascontiguousarray(ids_N, dtype=np.int64), self._prepare(vectors_ND),
+                       "adding vectors to the FAISS index")
         if self.config.index == "ivf":
             self._maybe_train()
 
@@ -207,7 +222,7 @@ class VectorIndex:
         ivf.cp.max_points_per_centroid = MAX_POINTS_PER_LIST
         ivf.cp.seed = 1234  # deterministic training: a replayed log rebuilds the same lists
         ivf.train(vectors_ND)
-        ivf.add_with_ids(vectors_ND, ids_N)
+        _add_in_chunks(ivf, ids_N, vectors_ND, f"IVF trained ({nlist} lists): adding the vectors")
         self._install(ivf)
 
     # ----- HNSW tombstones ----------------------------------------------------------------------------

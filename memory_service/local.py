@@ -34,6 +34,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -185,7 +186,8 @@ class LocalMemory:
 
         >>> import numpy as np, tempfile
         >>> from memory_service import LocalMemory, MemoryConfig
-        >>> mem = LocalMemory(MemoryConfig(dim=4, metric="l2", path=tempfile.mkdtemp()))
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> mem = LocalMemory(MemoryConfig(dim=4, metric="l2", path=folder.name))
         >>> ids = mem.add(np.eye(2, 4, dtype=np.float32), ["north", "east"], [{"src": "a"}, None])
         >>> hits = mem.search(np.eye(1, 4, dtype=np.float32), k=1)
         >>> hits.texts[0], hits.ids_QK[0].tolist(), hits.metadata[0]
@@ -194,7 +196,7 @@ class LocalMemory:
         1
         >>> mem.stats()["count"], mem.get(ids[1:])
         (1, [('east', None)])
-        >>> mem.close()
+        >>> mem.close(); folder.cleanup()
     """
 
     def __init__(self, config: MemoryConfig | None = None, **overrides) -> None:
@@ -204,6 +206,10 @@ class LocalMemory:
         self.config = config
         self._ephemeral = config.path is None
         self.directory = tempfile.mkdtemp(prefix="memtrain-memory-") if self._ephemeral else os.path.abspath(config.path)
+        # an ephemeral memory's folder is deleted by close(), or else when the memory is garbage-collected or the
+        # interpreter exits (the finalizer holds no reference to the memory, so it does not keep it alive)
+        self._remove_directory = (weakref.finalize(self, shutil.rmtree, self.directory, ignore_errors=True)
+                                  if self._ephemeral else None)
         self._writer = threading.Lock()
         self._rw = _ReadWriteLock()
         self._ticks = itertools.count(1)  # next() on a count is atomic under the GIL: searches may call it concurrently
@@ -237,6 +243,8 @@ class LocalMemory:
             if not self._closed:
                 self._store.close()
             self._lock_file.close()
+            if self._ephemeral:
+                self._remove_directory()
             raise
 
     # ----- opening and recovery -----------------------------------------------------------------------
@@ -682,7 +690,7 @@ class LocalMemory:
             self._store.close()
             self._lock_file.close()
             if self._ephemeral:
-                shutil.rmtree(self.directory, ignore_errors=True)
+                self._remove_directory()
 
     def __enter__(self) -> LocalMemory:
         return self

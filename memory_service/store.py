@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from memory_service.errors import MemoryServiceError
+from memory_service.progress import progress
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (id INTEGER PRIMARY KEY, text TEXT NOT NULL, meta TEXT);
@@ -332,12 +333,16 @@ class Store:
         return int(row[0]) if row else 0
 
     def log_since(self, seq: int, dim: int) -> Iterator[tuple[int, str, np.ndarray, np.ndarray | None]]:
-        """(seq, op, ids_N, vectors_ND or None) for every log record after `seq`, in order."""
-        for row_seq, op, ids_blob, vectors_blob in self._writer.execute(
-                "SELECT seq, op, ids, vectors FROM wal WHERE seq > ? ORDER BY seq", (seq,)):
-            ids_N = np.frombuffer(ids_blob, dtype="<i8").astype(np.int64)
-            vectors_ND = None if vectors_blob is None else np.frombuffer(vectors_blob, dtype="<f4").reshape(-1, dim)
-            yield row_seq, op, ids_N, vectors_ND
+        """(seq, op, ids_N, vectors_ND or None) for every log record after `seq`, in order (recovery replays them,
+        under a progress bar)."""
+        total = self._writer.execute("SELECT COUNT(*) FROM wal WHERE seq > ?", (seq,)).fetchone()[0]
+        with progress(desc="replaying the memory's write-ahead log", total=int(total), unit="write") as bar:
+            for row_seq, op, ids_blob, vectors_blob in self._writer.execute(
+                    "SELECT seq, op, ids, vectors FROM wal WHERE seq > ? ORDER BY seq", (seq,)):
+                ids_N = np.frombuffer(ids_blob, dtype="<i8").astype(np.int64)
+                vectors_ND = None if vectors_blob is None else np.frombuffer(vectors_blob, dtype="<f4").reshape(-1, dim)
+                yield row_seq, op, ids_N, vectors_ND
+                bar.update()
 
     def logged_vectors(self, dim: int) -> int:
         """Vectors in the log since the last snapshot (what recovery would replay)."""

@@ -5,9 +5,9 @@ Example::
     >>> import tempfile
     >>> from models.registry import build_model
     >>> from models.io import save_model, load_model
-    >>> d = tempfile.mkdtemp()
-    >>> save_model(build_model("tgsmn-dense-tiny", vocab_size=300), "tgsmn-dense-tiny", d)
-    >>> load_model(d).training      # loaded models come back in eval mode
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     save_model(build_model("tgsmn-dense-tiny", vocab_size=300), "tgsmn-dense-tiny", d)
+    ...     load_model(d).training      # loaded models come back in eval mode
     False
 """
 

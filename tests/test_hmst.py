@@ -1,6 +1,7 @@
 """The HMST MoE LM (shapes, causality, losses, bf16, training, KV cache, early exit, counts) and episodic memory."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ from models.common.moe import MoELayer
 from models.common.sampling import SamplingConfig, generate
 from models.common.ssm import SSMConfig, SSMEncoder
 from models.hmst.episodic import EpisodicMemory, encode_spans
-from models.hmst.model import HMSTConfig, HMSTLM, param_counts, preset_param_counts
-from models.registry import build_model, list_models
+from models.hmst.model import HMSTConfig, HMSTLM
+from models.registry import build_model, count_params, list_models, param_counts
 
 V = 97
 
@@ -126,17 +127,19 @@ def test_expert_bias_hook_reaches_every_layer():
 def test_param_counts_match_the_analytic_formula():
     model = micro()
     cfg = model.cfg
-    counts = param_counts(model)
+    counts = count_params(model)
     expert = 2 * cfg.d_model * cfg.d_ff
     per_layer = 4 * cfg.d_model**2 + 2 * cfg.d_model + cfg.d_model * cfg.n_experts + cfg.n_experts * expert
     total = V * cfg.d_model + cfg.n_layers * per_layer + cfg.d_model * 2  # tied head, final + exit norms
     assert counts["total"] == total == model.num_params()
     assert counts["active"] == total - cfg.n_layers * (cfg.n_experts - cfg.top_k) * expert
     assert model.active_params() == counts["active"]
-    from models.registry import param_counts as registry_counts  # what `memtrain models` prints
-    assert registry_counts("hmst-micro", vocab_size=V) == counts
-    big = preset_param_counts("hmst-large")  # on the meta device: nothing is allocated
+    assert param_counts("hmst-micro", vocab_size=V) == counts  # what `memtrain models` prints
+    big = param_counts("hmst-large")  # on the meta device: nothing is allocated
     assert big["total"] > 5e10 and big["active"] < big["total"] / 5
+    # a dense model uses all of its parameters, biases included
+    dense = param_counts("tgsmn-dense-tiny", vocab_size=V, bias=True)
+    assert dense["active"] == dense["total"]
 
 
 def test_flops_count_active_experts_only():
@@ -253,6 +256,20 @@ def test_critic_padding_does_not_change_the_prediction():
     ids, segments, mask = pack_segments([([1, 2], [3, 4], [5])], max_len=24)
     other = critic(ids, torch.full_like(segments, FACTS), mask)
     assert not torch.allclose(other.correct_logit_B, alone.correct_logit_B)
+
+
+def test_a_critic_is_saved_as_its_flat_config_fields_and_loads_back(tmp_path):
+    from models.hmst.training import load_critic, save_component
+
+    critic = small_critic()
+    save_component(critic, "critic", tmp_path)
+    # the stack's seven fields, flat: the format every saved critic.json has
+    assert json.loads((tmp_path / "critic.json").read_text())["config"] == dict(
+        vocab_size=40, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=24, dropout=0.0)
+    batch = pack_segments([([1, 2], [3, 4], [5])], max_len=24)
+    torch.testing.assert_close(load_critic(tmp_path)(*batch).correct_logit_B, critic(*batch).correct_logit_B)
+    with pytest.raises(ModelError, match="CriticConfig.d_model=30 must be divisible by n_heads=4"):
+        CriticConfig(d_model=30, n_heads=4)
 
 
 def test_critic_learns_to_flag_swapped_facts():

@@ -14,7 +14,7 @@ from models.hmst.facts import ATTRIBUTES, FactConfig, FactWorld, exact_match, qa
 from models.hmst.training import (CriticTrainConfig, MemoryTrainConfig, auroc, critic_scores, load_critic,
                                   load_ssm_encoder, save_component, train_critic, train_memory_encoder)
 from models.registry import build_model
-from orchestration.tokenizers import ByteTokenizer
+from orchestration.data.tokenizers import ByteTokenizer
 
 WORLD = FactWorld(FactConfig(seed=0, n_entities=30))
 
@@ -260,7 +260,7 @@ def test_critic_learns_to_spot_corrupted_answers_saves_and_loads(tmp_path):
 
 @pytest.mark.slow
 def test_critic_detects_corrupted_answers_on_held_out_entities():
-    from orchestration.tokenizers import train_bpe
+    from orchestration.data.tokenizers import train_bpe
 
     # a BPE trained on the fact corpus, as a pretrained run's tokenizer is (bytes split the values and names into
     # 128-token windows that cut contexts off: AUROC about 0.72)
@@ -272,7 +272,7 @@ def test_critic_detects_corrupted_answers_on_held_out_entities():
 
 def test_memory_encoder_contrastive_training_learns(tmp_path):
     torch.manual_seed(0)
-    from orchestration.data import builtin_documents
+    from orchestration.data.sources import builtin_documents
 
     tok = ByteTokenizer()
     docs = [d for d in builtin_documents() if len(d) > 400]

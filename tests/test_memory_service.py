@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -196,6 +198,36 @@ def test_second_opener_of_a_directory_is_refused(tmp_path):
             LocalMemory(MemoryConfig(dim=8, path=str(tmp_path)))
 
 
+def test_an_ephemeral_memory_deletes_its_folder_when_closed_dropped_or_left_open(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # ephemeral folders land here, where the test looks
+
+    def folders() -> list[str]:
+        return sorted(p.name for p in tmp_path.glob("memtrain-memory-*"))
+
+    mem = LocalMemory(MemoryConfig(dim=4))
+    assert folders() == [os.path.basename(mem.directory)]
+    mem.close()
+    assert folders() == []
+    mem = LocalMemory(MemoryConfig(dim=4))
+    mem.add(np.eye(1, 4, dtype=np.float32), ["x"])
+    del mem  # never closed
+    gc.collect()
+    assert folders() == []
+    child = ("import numpy as np, tempfile, sys; tempfile.tempdir = sys.argv[1]\n"
+             "from memory_service import LocalMemory, MemoryConfig\n"
+             "mem = LocalMemory(MemoryConfig(dim=4)); mem.add(np.eye(1, 4, dtype=np.float32), ['x'])")
+    subprocess.run([sys.executable, "-c", child, str(tmp_path)], cwd=REPO_ROOT, check=True, timeout=120)
+    assert folders() == []  # still open when the interpreter exited
+
+    def failing_open(self):
+        raise MemoryServiceError("cannot open")
+
+    monkeypatch.setattr(LocalMemory, "_open", failing_open)
+    with pytest.raises(MemoryServiceError, match="cannot open"):
+        LocalMemory(MemoryConfig(dim=4))
+    assert folders() == []
+
+
 CRASH_CHILD = textwrap.dedent("""
     import sys, numpy as np
     from memory_service import LocalMemory, MemoryConfig
@@ -345,7 +377,8 @@ def test_eviction_oldest_keeps_mapping_exact(backend, tmp_path, index):
     assert [t for t, _ in mem.get(survivors_N)] == [f"v{i}" for i in survivors_N]
     probe_N = survivors_N[::50]
     hits = mem.search(vectors_ND[probe_N], k=1)
-    # Every hit's text and metadata belong to its id (the source returned other entries' texts here).
+    # Every hit's text and metadata belong to its id (after FIFO eviction the original HMST code's semantic memory
+    # returned other entries' texts here: its positional ids pointed at the wrong metadata).
     for row_ids, row_texts, row_meta in zip(hits.ids_QK.tolist(), hits.texts, hits.metadata):
         assert row_ids[0] >= 1500 and row_texts[0] == f"v{row_ids[0]}" and row_meta[0] == {"i": row_ids[0]}
     assert (hits.ids_QK[:, 0] == probe_N).mean() >= 0.9

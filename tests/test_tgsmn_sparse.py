@@ -40,7 +40,7 @@ def batch(B=2, T=12, seed=1):
 
 
 def naive_experts(layer: HierarchicalSparseExperts, x_ND, expert_ids_NK, gate_NK):
-    """The source's per-token computation: gather each token's expert weights, then einsum."""
+    """The original TG-SMN code's per-token computation: gather each token's expert weights, then einsum."""
     W1_NKDR, W2_NKRD = layer.W1_EDR[expert_ids_NK], layer.W2_ERD[expert_ids_NK]
     h_NKR = layer.act(torch.einsum("nd,nkdr->nkr", x_ND, W1_NKDR))
     return (torch.einsum("nkr,nkrd->nkd", h_NKR, W2_NKRD) * gate_NK[..., None]).sum(1)
@@ -52,11 +52,12 @@ def test_shapes_stats_and_loss_includes_balance():
     with torch.no_grad():
         out = model(x, y)  # no_grad: the unfused head, which returns the logits
     assert out.logits.shape == (2, 12, V)
-    assert set(out.stats) == {"routing_entropy", "group_entropy", "expert_utilization", "dropped_frac"}
-    assert 0 < float(out.stats["routing_entropy"]) <= math.log(4) + 1e-5
-    assert 0 < float(out.stats["group_entropy"]) <= math.log(4) + 1e-5
-    assert 0 < float(out.stats["expert_utilization"]) <= 1
-    assert float(out.stats["dropped_frac"]) == 0.0
+    assert set(out.stats) == {"tgsmn/router_entropy", "tgsmn/group_entropy", "tgsmn/experts_used_frac",
+                              "tgsmn/dropped_frac"}
+    assert 0 < float(out.stats["tgsmn/router_entropy"]) <= math.log(4) + 1e-5
+    assert 0 < float(out.stats["tgsmn/group_entropy"]) <= math.log(4) + 1e-5
+    assert 0 < float(out.stats["tgsmn/experts_used_frac"]) <= 1
+    assert float(out.stats["tgsmn/dropped_frac"]) == 0.0
     # each layer's balance term is >= 2 * weight (group + expert terms, 1.0 each at best) and enters the loss
     assert out.aux_loss is not None and out.aux_loss.item() >= 2 * 2 * model.cfg.balance_weight * 0.99
     ce = F.cross_entropy(out.logits.flatten(0, 1), y.flatten())

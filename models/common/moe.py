@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common.errors import ModelError
+from models.common.torch_private import gelu_backward
 
 
 class MoELayer(nn.Module):
@@ -277,7 +278,7 @@ class _ExpertFFN(torch.autograd.Function):
             torch.mm(a_AF[lo:hi].t(), grad_y_AD[lo:hi], out=grad_down_EFD[e])
             torch.mm(grad_y_AD[lo:hi], down_EFD[e].t(), out=grad_a_AF[lo:hi])
         if ctx.activation == "gelu":
-            grad_h_AF = torch.ops.aten.gelu_backward(grad_a_AF, h_AF)
+            grad_h_AF = gelu_backward(grad_a_AF, h_AF)
         else:
             grad_h_AF = grad_a_AF * (h_AF > 0)
         grad_up_EDF, grad_x_AD = torch.empty_like(up_EDF), torch.empty_like(x_AD)

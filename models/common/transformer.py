@@ -23,7 +23,10 @@ FFNOutput = tuple[torch.Tensor, torch.Tensor | None, dict]
 
 
 @dataclass
-class TransformerConfig:
+class TransformerStackConfig:
+    """A stack of Transformer blocks over a token vocabulary: the fields the LM backbone (``TransformerConfig``)
+    and the HMST critic's encoder (``models.hmst.critic.CriticConfig``) share."""
+
     vocab_size: int = 8192
     """Size of the token vocabulary (set from the tokenizer at train time)."""
     d_model: int = 256
@@ -35,9 +38,25 @@ class TransformerConfig:
     d_ff: int = 1024
     """Hidden width of the feed-forward layer."""
     max_seq_len: int = 512
-    """Longest sequence (prompt plus generated tokens) the position tables cover."""
+    """Longest sequence the position tables cover (for an LM: prompt plus generated tokens)."""
     dropout: float = 0.0
     """Dropout on attention probabilities, attention output and FFN output."""
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for field in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            if getattr(self, field) <= 0:
+                raise ModelError(f"{name}.{field} must be positive, got {getattr(self, field)}")
+        if self.d_model % self.n_heads:
+            raise ModelError(f"{name}.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelError(f"{name}.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TransformerConfig(TransformerStackConfig):
+    """The decoder-only LM backbone: the stack's fields plus positions, head tying, biases and the FFN activation."""
+
     pos_encoding: str = "rope"
     """Positions: "rope" (rotary, relative) or "learned" (absolute embedding table)."""
     tie_embeddings: bool = True
@@ -48,17 +67,11 @@ class TransformerConfig:
     """FFN non-linearity: "gelu" or "relu"."""
 
     def __post_init__(self):
+        super().__post_init__()
         if self.pos_encoding not in ("rope", "learned"):
             raise ModelError(f"pos_encoding must be 'rope' or 'learned', got {self.pos_encoding!r}")
         if self.activation not in ("gelu", "relu"):
             raise ModelError(f"activation must be 'gelu' or 'relu', got {self.activation!r}")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ModelError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise ModelError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ModelError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 class MLP(nn.Module):
@@ -192,8 +205,9 @@ class TransformerLM(nn.Module):
 
     def active_params(self) -> int:
         """Parameters one token uses: everything except the FFN weights (experts) it is not routed to."""
-        ffn_total = sum(p.numel() for block in self.blocks for p in block.ffn.parameters())
-        return self.num_params() - ffn_total + self.active_ffn_params()
+        # active_ffn_params counts matmul weights only; FFN biases are used by every token and stay in
+        ffn_matmul = sum(p.numel() for block in self.blocks for p in block.ffn.parameters() if p.dim() >= 2)
+        return self.num_params() - ffn_matmul + self.active_ffn_params()
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward): 6 x matmul parameters + attention scores (PaLM, App. B).

@@ -1,9 +1,9 @@
 """HMST's critic: reads [query | response | facts] and predicts whether the response is correct, and how sure it is.
 
-Differences from the source (spec §1.3): the padding mask is used in attention *and* in the pooling (the source
-mean-pooled over padding too), the size follows a config (the source was always 206M parameters), the heads
+Differences from the original HMST code: the padding mask is used in attention *and* in the pooling (the original
+mean-pooled over padding too), the size follows a config (the original was always 206M parameters), the heads
 return logits (losses use the numerically stable ``*_with_logits`` forms), and ``loss`` is what a training
-command calls (the source never trained its critic).
+command calls (the original never trained its critic).
 
 Example::
 
@@ -24,35 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common.errors import ModelError
+from models.common.transformer import TransformerStackConfig
 
 QUERY, RESPONSE, FACTS = 0, 1, 2  # segment ids
 
 
 @dataclass
-class CriticConfig:
-    """Size of the critic encoder."""
+class CriticConfig(TransformerStackConfig):
+    """Size of the critic encoder: the stack's fields (see ``TransformerStackConfig``), where ``max_seq_len`` is
+    the longest packed [query | response | facts] sequence."""
 
-    vocab_size: int = 8192
-    """Token vocabulary (the LM's tokenizer)."""
-    d_model: int = 256
-    """Encoder width."""
-    n_layers: int = 4
-    """Encoder layers."""
-    n_heads: int = 4
-    """Attention heads (d_model must be divisible by it)."""
-    d_ff: int = 1024
-    """Feed-forward width of each encoder layer."""
-    max_seq_len: int = 512
-    """Longest packed [query | response | facts] sequence."""
     dropout: float = 0.1
-    """Dropout inside the encoder."""
-
-    def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ModelError(f"CriticConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise ModelError(f"critic d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+    """Dropout inside the encoder layers; 0.1 is ``nn.TransformerEncoderLayer``'s own default."""
 
 
 @dataclass

@@ -2,12 +2,12 @@
 
 Per query the five decisions (``Decisions``: early exit, episodic retrieval, semantic retrieval, expert bias,
 verification) come from the caller, from a ``MetaController`` or from the RL env. What each one does here, and
-what the source did instead (spec §1.8, bugs 6-7):
+what the original HMST code did instead:
 
 - **early exit** decodes with the first ``exit_layer`` blocks and the exit head only (``HMSTLM.early_exit``); the
-  FLOPs estimate counts the skipped blocks as skipped (the source ran the full model on its "early exit" path);
+  FLOPs estimate counts the skipped blocks as skipped (the original ran the full model on its "early exit" path);
 - **episodic / semantic retrieval** put the *real* retrieved text into a ``context:`` line of the prompt (the
-  source appended ``"<memory_i>"`` placeholders). The semantic memory is anything with the memory-service
+  original appended ``"<memory_i>"`` placeholders). The semantic memory is anything with the memory-service
   client methods (``search``/``add``/``stats``), so ``LocalMemory`` and the shared Ray actor both work;
 - **expert bias** adds a router-logit bias to the chosen expert in every MoE layer while this query decodes;
 - **verification** scores (query, response, retrieved facts) with the critic; below ``verify_threshold`` the
@@ -26,7 +26,7 @@ Example::
     >>> import numpy as np, tempfile
     >>> from memory_service import LocalMemory, MemoryConfig
     >>> from models.registry import build_model
-    >>> from orchestration.tokenizers import ByteTokenizer
+    >>> from orchestration.data.tokenizers import ByteTokenizer
     >>> torch.manual_seed(0) is not None
     True
     >>> model, tok = build_model("hmst-micro", vocab_size=256), ByteTokenizer()
@@ -183,7 +183,7 @@ class LexicalEmbedder:
 
     Example::
 
-        >>> from orchestration.tokenizers import ByteTokenizer
+        >>> from orchestration.data.tokenizers import ByteTokenizer
         >>> emb = LexicalEmbedder(ByteTokenizer(), vocab_size=256, dim=64)
         >>> v_ND = emb.embed(["the color of Bavik", "the color of Bavik is red.", "zzz"])
         >>> v_ND.shape, bool(v_ND[0] @ v_ND[1] > v_ND[0] @ v_ND[2])
@@ -503,7 +503,7 @@ def consolidate(episodic: EpisodicMemory, semantic_memory, embedder: LexicalEmbe
 
         >>> from memory_service import LocalMemory, MemoryConfig
         >>> from models.registry import build_model
-        >>> from orchestration.tokenizers import ByteTokenizer
+        >>> from orchestration.data.tokenizers import ByteTokenizer
         >>> engine = HMSTEngine(build_model("hmst-micro", vocab_size=256), ByteTokenizer(),
         ...                     semantic_memory=LocalMemory(MemoryConfig(dim=128)))
         >>> session = engine.session()

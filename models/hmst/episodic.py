@@ -1,7 +1,7 @@
 """HMST's episodic memory: a bounded store of SSM summaries of recent spans, with the real tokens they came from.
 
-The source stored states in a deque, scored them one entry at a time in Python, returned placeholder strings
-``"<memory_i>"`` and lost its capacity bound after a removal (spec §1.5, bugs 7-8). Here summaries live in one
+The original HMST code stored states in a deque, scored them one entry at a time in Python, returned placeholder
+strings ``"<memory_i>"`` and lost its capacity bound after a removal. Here summaries live in one
 preallocated (capacity, dim) tensor, retrieval is a single matmul + top-k over every slot, each entry keeps its
 token span and text, ids are unique and never reused, and the capacity holds whatever is added or removed.
 

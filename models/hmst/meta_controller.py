@@ -4,9 +4,9 @@ It reads the LM's pooled query embedding and a state summary (predictive uncerta
 semantic memory fill, last critic confidence) and outputs five decisions: early exit, episodic retrieval,
 semantic retrieval, expert bias (one of the experts, or "none"), verification.
 
-The source ran a 6-layer Transformer over a length-1 sequence (an MLP with extra cost), fed constant placeholders
-for memory fill and confidence, thresholded everything (no exploration) and returned raw logits as "expert
-weights" that its RL code then treated as probabilities (spec §1.2, §3.5). Here the network is an MLP, the four
+The original HMST code ran a 6-layer Transformer over a length-1 sequence (an MLP with extra cost), fed constant
+placeholders for memory fill and confidence, thresholded everything (no exploration) and returned raw logits as
+"expert weights" that its RL code then treated as probabilities. Here the network is an MLP, the four
 yes/no decisions are Bernoulli distributions and the expert bias a Categorical over E + 1 choices, so RL (RLlib
 PPO) gets log-probabilities and entropies, and ``act(..., deterministic=True)`` gives the inference-time choice.
 

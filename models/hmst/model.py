@@ -1,16 +1,17 @@
 """HMST's base language model: the shared Transformer backbone with a top-k MoE FFN and an early-exit head.
 
-What differs from the source (spec §1.1) and why:
+What differs from the original HMST code and why:
 
 - experts are dispatched by one sort per layer (``models.common.moe``), not a Python loop over (choice, expert);
 - the load-balancing loss uses the top-k dispatch fractions, takes its weight from the config and is averaged
-  over layers (the source hard-coded 0.01, used top-1 fractions and summed over layers); a router z-loss and
+  over layers (the original hard-coded 0.01, used top-1 fractions and summed over layers); a router z-loss and
   optional auxiliary-loss-free bias balancing are added;
-- attention is SDPA with RoPE and a real K/V cache (the source cached normed hidden states and re-projected the
+- attention is SDPA with RoPE and a real K/V cache (the original cached normed hidden states and re-projected the
   whole context every decode step);
 - an early-exit head after ``exit_layer`` blocks is trained jointly with a small weight, so the inference engine's
-  "early exit" really skips the remaining blocks (the source's early exit ran the full model);
-- total and active parameter counts come from the model (``param_counts``), not from a hard-coded 2/8 ratio.
+  "early exit" really skips the remaining blocks (the original's early exit ran the full model);
+- total and active parameter counts come from the model (``num_params``, ``active_params``: each MoE layer
+  contributes ``top_k / n_experts`` of its expert parameters), not from a hard-coded 2/8 ratio.
 
 Example::
 
@@ -18,9 +19,13 @@ Example::
     >>> from models.registry import build_model
     >>> model = build_model("hmst-micro", vocab_size=256)
     >>> ids_BT = torch.randint(0, 256, (2, 16))
-    >>> out = model(ids_BT, targets_BT=ids_BT)
-    >>> out.logits.shape, sorted(param_counts(model))
-    (torch.Size([2, 16, 256]), ['active', 'total'])
+    >>> out = model(ids_BT, targets_BT=ids_BT)     # training: the fused loss, logits not materialised
+    >>> out.logits is None, out.loss.dim()
+    (True, 0)
+    >>> model(ids_BT).logits.shape
+    torch.Size([2, 16, 256])
+    >>> model.active_params() < model.num_params()
+    True
 """
 
 from __future__ import annotations
@@ -147,10 +152,6 @@ class HMSTLM(TransformerLM):
         return EarlyExitLM(self)
 
     # --- accounting ---
-    def active_params(self) -> int:
-        """Parameters one token uses (what ``memtrain models`` lists next to the total)."""
-        return param_counts(self)["active"]
-
     def active_ffn_params(self) -> int:
         return sum(moe.active_matmul_params() for moe in self.moe_layers())
 
@@ -189,34 +190,6 @@ class EarlyExitLM:
         return self.model(input_ids_BT, cache=state, exit_early=True).logits
 
 
-def param_counts(model: nn.Module) -> dict[str, int]:
-    """``{"total", "active"}`` parameters of a model, from its modules (a tied head counted once).
-
-    "active" is what one token uses: everything except the experts it is not routed to, i.e. each MoE layer
-    contributes ``top_k / n_experts`` of its expert parameters. Dense models have active == total.
-
-    Example::
-
-        >>> from models.registry import build_model
-        >>> counts = param_counts(build_model("hmst-micro", vocab_size=64))
-        >>> counts["active"] < counts["total"]
-        True
-    """
-    total = sum(p.numel() for p in model.parameters())
-    inactive = sum(m.expert_params() * (m.n_experts - m.top_k) // m.n_experts
-                   for m in model.modules() if isinstance(m, MoELayer))
-    return {"total": total, "active": total - inactive}
-
-
-def preset_param_counts(name: str, **overrides) -> dict[str, int]:
-    """``param_counts`` of a registry preset, built on the meta device (no memory is allocated, so hmst-large
-    can be counted on a laptop)."""
-    from models.registry import build_model
-
-    with torch.device("meta"):
-        return param_counts(build_model(name, **overrides))
-
-
 PRESETS: dict[str, dict] = {
     # unit tests and the laptop pipeline: ~2.4M total / ~1.8M active parameters at an 8k vocabulary
     "hmst-micro": dict(d_model=128, n_layers=4, n_heads=4, d_ff=256, n_experts=4, top_k=2, exit_layer=1,
@@ -224,7 +197,7 @@ PRESETS: dict[str, dict] = {
     # pretrains on 2 CPU cores in a few minutes (~16M total / ~10M active at an 8k vocabulary)
     "hmst-tiny": dict(d_model=256, n_layers=6, n_heads=4, d_ff=1024, n_experts=4, top_k=2, exit_layer=2,
                       max_seq_len=512),
-    # the source's "tiny" shape (spec §2), GPT-2 vocabulary plus <pad>: the benchmark shape of issue 4
+    # the original HMST code's "tiny" shape, GPT-2 vocabulary plus <pad>: the benchmark shape of issue 4
     "hmst-source-tiny": dict(vocab_size=50258, d_model=512, n_layers=6, n_heads=8, d_ff=2048, n_experts=4,
                              top_k=2, exit_layer=2, max_seq_len=2048),
     # GPU-sized

@@ -2,13 +2,12 @@
 
 - ``train_critic``: the critic learns to tell a correct answer from a corrupted one (a wrong value of the same
   attribute, or the value of another fact in the context: "swapped facts"), given the question and the retrieved
-  facts. It reports AUROC on examples about *held-out entities* (never seen in training). The source defined a
-  critic loss and never called it (spec §1.3, bug 14).
+  facts. It reports AUROC on examples about *held-out entities* (never seen in training). The original HMST
+  code defined a critic loss and never called it.
 - ``train_memory_encoder`` ("stage 2"): the SSM encoder over the frozen LM token embeddings is trained with a
   symmetric InfoNCE loss on unit-normalised summaries, pairing two disjoint spans of the same real document
-  (in-batch negatives). It reports held-out top-1 retrieval accuracy before and after. The source trained on 5
-  hard-coded demo pairs with unnormalised dot products, padding without a mask, and a constant "semantic" loss
-  (spec §3.4, bug 13).
+  (in-batch negatives). It reports held-out top-1 retrieval accuracy before and after. The original trained on 5
+  hard-coded demo pairs with unnormalised dot products, padding without a mask, and a constant "semantic" loss.
 
 Both save with ``save_component`` (safetensors + JSON config, no pickle) and load with ``load_critic`` /
 ``load_ssm_encoder``.

@@ -2,16 +2,16 @@
 
 Per token: a group router picks one of G groups (top-1), a per-group router picks the top-k of that group's M
 experts, and the output is the gate-weighted sum of ``act(x @ W1[e]) @ W2[e]`` over the k chosen experts.
-What differs from the source (spec §1.3, §5):
+What differs from the original TG-SMN code:
 
-- the group router is trained (B1): its chosen probability enters the gate as ``p / p.detach()``, a
-  straight-through factor that is exactly 1 in the forward pass (so the k gates still sum to 1, as in the
-  source) and carries the gradient ``<dL/dy, y> / p`` to the group router;
-- a load-balancing loss over groups and experts (B2), weighted by ``balance_weight``;
+- the group router is trained (the original's got no gradient): its chosen probability enters the gate as
+  ``p / p.detach()``, a straight-through factor that is exactly 1 in the forward pass (so the k gates still sum
+  to 1, as in the original) and carries the gradient ``<dL/dy, y> / p`` to the group router;
+- a load-balancing loss over groups and experts (the original had none), weighted by ``balance_weight``;
 - dispatch sorts the token-slots by expert once and runs two batched matmuls over experts padded to a
-  capacity; the per-group expert routers run the same way over tokens sorted by group (S2: the source
+  capacity; the per-group expert routers run the same way over tokens sorted by group (the original
   gathered a copy of the expert and router weights for every token). An expert over capacity drops its
-  latest slots (``dropped_frac``); tokens are ordered position-major, so the layer stays causal.
+  latest slots (``tgsmn/dropped_frac``); tokens are ordered position-major, so the layer stays causal.
 
 Example::
 
@@ -20,7 +20,7 @@ Example::
     >>> model = build_model("tgsmn-sparse-tiny", vocab_size=300)
     >>> out = model(torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16)))
     >>> sorted(out.stats)
-    ['dropped_frac', 'expert_utilization', 'group_entropy', 'routing_entropy']
+    ['tgsmn/dropped_frac', 'tgsmn/experts_used_frac', 'tgsmn/group_entropy', 'tgsmn/router_entropy']
     >>> model.set_routing(k=1, noise=0.3, temperature=0.8)
     >>> model.routing
     RoutingKnobs(k=1, noise=0.3, temperature=0.8)
@@ -127,7 +127,7 @@ class HierarchicalSparseExperts(nn.Module):
         x_ND = x_BTD.transpose(0, 1).reshape(T * B, d)
         expert_ids_NK, gate_NK, aux_loss, stats = self.route(x_ND)
         y_ND, dropped_frac = self.experts(x_ND, expert_ids_NK, gate_NK)
-        stats["dropped_frac"] = dropped_frac
+        stats["tgsmn/dropped_frac"] = dropped_frac
         return self.dropout(y_ND).view(T, B, d).transpose(0, 1), aux_loss, stats
 
     def route(self, x_ND: torch.Tensor):
@@ -165,9 +165,9 @@ class HierarchicalSparseExperts(nn.Module):
 
         with torch.no_grad():
             stats = {
-                "routing_entropy": _entropy(expert_probs_NM),
-                "group_entropy": _entropy(group_probs_NG),
-                "expert_utilization": (expert_load_GM > 0).float().mean(),
+                "tgsmn/router_entropy": _entropy(expert_probs_NM),
+                "tgsmn/group_entropy": _entropy(group_probs_NG),
+                "tgsmn/experts_used_frac": (expert_load_GM > 0).float().mean(),
             }
         return expert_ids_NK, gate_NK, self.balance_weight * balance, stats
 
@@ -259,7 +259,7 @@ PRESETS: dict[str, dict] = {
     # CPU-sized: the dense tiny backbone with 64 experts of rank 8 in 4 groups
     "tgsmn-sparse-tiny": dict(d_model=128, n_layers=4, n_heads=4, max_seq_len=256,
                               n_experts=64, group_size=16, expert_rank=8, max_k=2),
-    # the source's default (spec §1.4): d_model 192, 4 layers, 4 heads, E 256 in groups of 32, rank 16, k <= 2
+    # the original TG-SMN code's default shape: d_model 192, 4 layers, 4 heads, E 256 in groups of 32, rank 16, k <= 2
     "tgsmn-sparse-small": dict(d_model=192, n_layers=4, n_heads=4, max_seq_len=512, activation="relu",
                                n_experts=256, group_size=32, expert_rank=16, max_k=2),
 }

@@ -102,10 +102,10 @@ class THLConfig:
 PRESETS: dict[str, dict] = {
     # CPU-sized: 4.9M parameters at an 8k vocabulary (3.1M of them the head); trains in minutes on 2 cores
     "thl-tiny": dict(),
-    # the source's "small" benchmark shape (spec §1/§4): d=256 everywhere, J=256, 4 heads x 64, kappa=4, V=512
+    # the original THL code's "small" benchmark shape: d=256 everywhere, J=256, 4 heads x 64, kappa=4, V=512
     "thl-small": dict(vocab_size=512, d_embed=256, tier_dims=(256, 256, 256), local_window=64, memory_slots=256,
                       memory_dim=256, head_dim=64, value_dim=256),
-    # GPU-sized: the source's default widths (768) and J=1024
+    # GPU-sized: the original THL code's default widths (768) and J=1024
     "thl-base": dict(d_embed=768, tier_dims=(768, 768, 768), local_window=64, local_heads=12, memory_slots=1024,
                      memory_dim=768, head_dim=64, value_dim=768, bptt_window=128),
     "thl-large": dict(d_embed=1024, tier_dims=(1536, 1024, 1024), tier_timescales=(1, 4, 32), local_window=128,

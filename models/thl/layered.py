@@ -12,9 +12,10 @@ Example::
     >>> from models.io import save_model
     >>> from models.registry import build_model
     >>> from models.common.sampling import SamplingConfig, generate
-    >>> d = tempfile.mkdtemp(); save_model(build_model("thl-tiny", vocab_size=300), "thl-tiny", d)
-    >>> engine = LayeredEngine(d, budget_bytes=3_000_000)
-    >>> generate(engine, torch.tensor([[1, 2]]), SamplingConfig(max_new_tokens=3, temperature=0)).shape
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     save_model(build_model("thl-tiny", vocab_size=300), "thl-tiny", d)
+    ...     engine = LayeredEngine(d, budget_bytes=3_000_000)
+    ...     generate(engine, torch.tensor([[1, 2]]), SamplingConfig(max_new_tokens=3, temperature=0)).shape
     torch.Size([1, 3])
     >>> engine.peak_resident_bytes <= 3_000_000
     True

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from models.common.errors import ModelError
+from models.common.torch_private import softmax_backward
 from models.thl.memory import THLState
 
 log = logging.getLogger(__name__)
@@ -459,14 +460,14 @@ def _backward_steps(core, a: dict, g: dict, ticks: list[list[bool]], scale_read:
             log_values.index_put_((src, b_B11, h_1H1), a["alpha_scaled"][t].unsqueeze(3) * dr_BHV1.transpose(2, 3),
                                   accumulate=True)
             dalpha = torch.add(a["dalpha"][t], torch.matmul(a["values"][t], dr_BHV1).squeeze(3), alpha=scale_read[t])
-            dlogit = torch._softmax_backward_data(dalpha, a["alpha"][t], -1, dtype).mul_(score_factor[t])
+            dlogit = softmax_backward(dalpha, a["alpha"][t], -1, dtype).mul_(score_factor[t])
             dq_BHD1 = torch.matmul(a["keys"][t], dlogit.unsqueeze(3))
             log_keys.index_put_((src, b_B11, h_1H1), dlogit.unsqueeze(3) * q_BH1D[t], accumulate=True)
             if straight_through:  # the dense softmax over the bank as this step read it: undo this step's write first
                 keys_BHDJ.scatter_(3, slot_BHD1[t], a["old_keys"][t])
                 values_BHJV.scatter_(2, slot_BH1V[t], a["old_values"][t])
                 dsoft = torch.matmul(values_BHJV, dr_BHV1).squeeze(3).mul_(scale_read[t])
-                ddense = torch._softmax_backward_data(dsoft, a["dense"][t], -1, dtype).mul_(score_factor[t])
+                ddense = softmax_backward(dsoft, a["dense"][t], -1, dtype).mul_(score_factor[t])
                 dq_BHD1 = dq_BHD1 + torch.matmul(keys_BHDJ, ddense.unsqueeze(3))
             DQ[t] = dq_BHD1.view(B, -1)
             grad[0] = torch.addmm(grad[0], DQ[t], w_qf)
