@@ -16,13 +16,27 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MEMTRAIN_DRILLS", "1")  # the tests run the reliability drills (fail_at_step, ...)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hf_datasets_cache(tmp_path_factory):
+    """The datasets library's Arrow copies of the tests' corpus files (and those of the commands and Ray workers
+    the tests start) go to the session's temp folder, not to ~/.cache/huggingface."""
+    import sys
+
+    folder = tmp_path_factory.mktemp("hf-datasets")
+    os.environ["HF_DATASETS_CACHE"] = str(folder)
+    if "datasets" in sys.modules:  # it read the variable on import
+        sys.modules["datasets"].config.HF_DATASETS_CACHE = folder
+    return folder
+
+
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
-    """A local Ray cluster shared by every test that needs one (4 logical CPUs on 2 cores, see ray-notes §7). It
-    starts after the S3 server, so its worker processes inherit the server's environment variables."""
+    """A local Ray cluster shared by every test that needs one: 4 logical CPUs on 2 cores, so Train's 2 workers,
+    Ray Data's read tasks and Tune's trial drivers never wait for each other's CPUs forever. It starts after the
+    S3 server, so its worker processes inherit the server's environment variables."""
     import ray
 
-    from orchestration.ray_utils import local_dashboard_args
+    from orchestration.runtime import local_dashboard_args
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, num_gpus=0, object_store_memory=300 * 1024**2, log_to_driver=False,

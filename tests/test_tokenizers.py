@@ -1,7 +1,7 @@
 import pytest
 
 from orchestration.errors import DataError
-from orchestration.tokenizers import ByteTokenizer, load_tokenizer, token_dtype, train_bpe
+from orchestration.data.tokenizers import ByteTokenizer, load_tokenizer, token_dtype, train_bpe
 
 TRICKY = ["hello  world\n", "  leading and trailing  ", "tabs\t\tand\r\nCRLF", "ünïcödé 日本語 🙂 emoji",
           "", "x", "a\n\n\nb", "<|endoftext|> looks special but is text"]
