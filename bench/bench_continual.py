@@ -7,8 +7,8 @@ ratios measured side by side mean anything):
 - ``runner``: ``ContinualRunner.run_interval`` with replay off: per-row losses, loss fluctuation, EMA, gradient
   norm, routing stats every step, and the statistical-distance probe (2 eval forwards on probe_rows rows) on the
   last step of each interval;
-- ``source-probe``: the bare step plus the source's loss-fluctuation probe, 3 extra no-grad noisy forwards of
-  the whole batch per step (spec §4 step 3), for contrast.
+- ``source-probe``: the bare step plus the original TG-SMN code's loss-fluctuation probe, 3 extra no-grad noisy
+  forwards of the whole batch before every step (the std of their losses), for contrast.
 
 It also prints the runner's own account of time spent inside signal code (``IntervalResult.signal_s``).
 
@@ -26,8 +26,8 @@ import torch
 
 from orchestration.allocator import keep_freed_memory
 from orchestration.config import load_config
-from orchestration.continual import ContinualConfig, ContinualRunner
-from orchestration.continual_control import Knobs
+from orchestration.continual.runner import ContinualConfig, ContinualRunner
+from orchestration.continual.control import Knobs
 
 
 def main() -> None:

@@ -53,8 +53,8 @@ def training_checkpoint(folder: str) -> int:
     import torch
 
     from models.registry import build_model
-    from orchestration.checkpoint import TrainerState, save_training_checkpoint
-    from orchestration.tokenizers import ByteTokenizer
+    from orchestration.training.checkpoint import TrainerState, save_training_checkpoint
+    from orchestration.data.tokenizers import ByteTokenizer
 
     model = build_model("tgsmn-dense-tiny", vocab_size=4096)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

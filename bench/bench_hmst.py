@@ -4,7 +4,7 @@ One command, about 3-5 minutes on 2 cores, prints markdown tables::
 
     python bench/bench_hmst.py
 
-1. Training step (forward, backward, clip 1.0, fused AdamW as orchestration/pretrain.py uses) of
+1. Training step (forward, backward, clip 1.0, fused AdamW as orchestration/training/pretrain.py uses) of
    ``hmst-source-tiny`` (the source's tiny shape: 4 experts top-2, d_model 512, 6 layers, d_ff 2048, vocabulary
    50258), batch 8 x 128, in fp32 and with bf16 autocast, interleaved with the source's fp32 Stage-1 step at the
    same shape and batch (``bench/source_ref/hmst.py``: its per-(choice, expert) Python dispatch, attention

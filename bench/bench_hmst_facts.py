@@ -3,7 +3,7 @@
 Stages (each skipped when its output already exists in --run, so a re-run only re-evaluates):
 
 1. write the mixed corpus (builtin natural text + pretraining-placement facts + context-copy examples);
-2. pretrain an HMST model on it through ``orchestration.pretrain.pretrain`` (Ray Train, 2 workers);
+2. pretrain an HMST model on it through ``orchestration.training.pretrain.pretrain`` (Ray Train, 2 workers);
 3. train the critic on corrupted answers (held-out AUROC);
 4. fill a semantic memory (LocalMemory) with the semantic-placement facts, then ask every semantic-placement
    question with semantic retrieval off and on (exact match), and time ``answer()`` per path.
@@ -30,7 +30,7 @@ import torch
 
 def build_corpus(run: Path, seed: int, distractors: int, natural_fraction: float) -> Path:
     from models.hmst.facts import FactConfig, FactWorld, write_corpus
-    from orchestration.data import DataConfig, load_corpus
+    from orchestration.data.sources import DataConfig, load_corpus
 
     path = run / "facts_corpus.jsonl"
     if not path.is_file():
@@ -42,7 +42,7 @@ def build_corpus(run: Path, seed: int, distractors: int, natural_fraction: float
 
 def pretrain_model(run: Path, corpus: Path, args) -> Path:
     from orchestration.config import load_config
-    from orchestration.pretrain import PretrainConfig, pretrain
+    from orchestration.training.pretrain import PretrainConfig, pretrain
 
     out = run / "pretrain"
     summary = out / "summary.json"
@@ -59,7 +59,7 @@ def pretrain_model(run: Path, corpus: Path, args) -> Path:
 def train_or_load_critic(run: Path, pretrain_dir: Path, seed: int):
     from models.hmst.facts import FactConfig, FactWorld
     from models.hmst.training import load_critic, save_component, train_critic
-    from orchestration.checkpoint import load_lm
+    from orchestration.training.checkpoint import load_lm
 
     out = run / "critic"
     if (out / "critic.json").is_file():
@@ -74,7 +74,7 @@ def evaluate(pretrain_dir: Path, critic, seed: int, n_questions: int) -> dict:
     from memory_service import LocalMemory, MemoryConfig
     from models.hmst.engine import Decisions, HMSTEngine
     from models.hmst.facts import FactConfig, FactWorld, exact_match
-    from orchestration.checkpoint import load_lm
+    from orchestration.training.checkpoint import load_lm
 
     model, tokenizer, _ = load_lm(pretrain_dir)
     world = FactWorld(FactConfig(seed=seed))

@@ -20,9 +20,9 @@ import torch
 from models.registry import build_model
 from orchestration.allocator import keep_freed_memory
 from orchestration.config import load_config
-from orchestration.data import TokenWindows, WindowOrder, prepare_data
-from orchestration.flops import measure_matmul_peak
-from orchestration.pretrain import PretrainConfig, lr_at, param_groups, pretrain
+from orchestration.data.sources import TokenWindows, WindowOrder, prepare_data
+from orchestration.training.flops import measure_matmul_peak
+from orchestration.training.pretrain import PretrainConfig, lr_at, param_groups, pretrain
 from orchestration.storage import Location, read_metrics
 
 MODEL = dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024)
@@ -72,7 +72,7 @@ def main():
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     keep_freed_memory()  # as every training process of memtrain does (orchestration/allocator.py)
-    from orchestration.ray_utils import ensure_ray
+    from orchestration.runtime import ensure_ray
 
     ensure_ray()
     tmp = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))

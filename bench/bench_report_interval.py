@@ -20,7 +20,7 @@ from pathlib import Path
 
 from orchestration.allocator import keep_freed_memory
 from orchestration.config import load_config
-from orchestration.pretrain import PretrainConfig, pretrain
+from orchestration.training.pretrain import PretrainConfig, pretrain
 from orchestration.storage import read_metrics
 
 INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -46,7 +46,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     keep_freed_memory()
-    from orchestration.ray_utils import ensure_ray
+    from orchestration.runtime import ensure_ray
 
     ensure_ray()
     tmp = Path(tempfile.mkdtemp(prefix="bench-report-"))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from orchestration.allocator import keep_freed_memory
 from orchestration.config import load_config
-from orchestration.pretrain import PretrainConfig, pretrain
+from orchestration.training.pretrain import PretrainConfig, pretrain
 from orchestration.storage import read_metrics
 from orchestration.storage.testing import LoopbackS3
 
@@ -55,7 +55,7 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="bench-storage-"))
     with LoopbackS3(bucket="bench") as s3:
         os.environ.update(s3.env)  # before Ray starts, so its workers inherit them
-        from orchestration.ray_utils import ensure_ray
+        from orchestration.runtime import ensure_ray
 
         ensure_ray()
         cache = str(tmp / "cache")

@@ -6,11 +6,11 @@ One command (about 1 minute on 2 quiet cores, several under load; prints markdow
 
 1. FFN layer, forward + backward on 32 x 64 tokens of width 192: our sparse layer (E 256 in groups of 32,
    rank 16, k 2, noise 0.3) and the source's (``bench/source_ref/tgsmn.py``: per-token copies of the local
-   router and of the experts' weights, spec §5 S2), against dense FFNs with equal active parameters (d_ff 52:
+   router and of the experts' weights), against dense FFNs with equal active parameters (d_ff 52:
    routers plus k experts per token), the source's dense width (d_ff 768) and equal total parameters (d_ff 4,228).
-2. Whole training step (forward, backward, clip 1.0, AdamW) at the source's benchmark shape (spec §6.2:
-   vocabulary 8,176, batch 32 x 64): tgsmn-dense-small and tgsmn-sparse-small with the pretraining loop's
-   optimizer (fused AdamW), and the source's dense and sparse models with the source's step, re-implemented in
+2. Whole training step (forward, backward, clip 1.0, AdamW) at the shape of the original TG-SMN code's step
+   benchmark (vocabulary 8,176, batch 32 x 64): tgsmn-dense-small and tgsmn-sparse-small with the pretraining
+   loop's optimizer (fused AdamW), and the source's dense and sparse models with the source's step, re-implemented in
    ``bench/source_ref/tgsmn.py``. Sparse runs at the source's fixed controller (k 2, noise 0.3, temperature 1.0).
    Every "x the source" figure is a ratio of steps timed in this run.
 

@@ -13,7 +13,7 @@ a training process wants; set ``MEMTRAIN_KEEP_FREED_MEMORY=0`` to opt out.
 Example::
 
     >>> from orchestration.allocator import keep_freed_memory
-    >>> keep_freed_memory()   # doctest: +SKIP
+    >>> keep_freed_memory()   # for the rest of this process's life  # doctest: +SKIP
     True
 """
 

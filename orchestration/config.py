@@ -5,7 +5,7 @@ unknown keys are refused with the list of valid ones.
 
 Example::
 
-    >>> from orchestration.pretrain import PretrainConfig
+    >>> from orchestration.training.pretrain import PretrainConfig
     >>> cfg = load_config(PretrainConfig, overrides=["max_steps=50", "data.seq_len=64"])
     >>> cfg.max_steps, cfg.data.seq_len
     (50, 64)
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,10 +28,22 @@ from orchestration.errors import ConfigError
 T = TypeVar("T")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as PyYAML reads it, but for 1e-3 without a dot: YAML 1.1 makes that a string, YAML 1.2 a float."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+.0123456789"))
+
+
 def _section(f: dataclasses.Field):
-    """The dataclass of a nested config section (declared with ``field(default_factory=Section)``), else None."""
+    """The dataclass of a nested config section, else None: declared with ``field(default_factory=Section)``, or
+    with a factory that returns a Section with other defaults (``field(default_factory=lambda: Section(x=1))``)."""
     sub = f.default_factory
-    return sub if isinstance(sub, type) and dataclasses.is_dataclass(sub) else None
+    if isinstance(sub, type) or sub is dataclasses.MISSING:
+        return sub if isinstance(sub, type) and dataclasses.is_dataclass(sub) else None
+    made = sub()
+    return type(made) if dataclasses.is_dataclass(made) else None
 
 
 def _valid_keys(cls, prefix: str = "") -> list[str]:
@@ -51,11 +64,27 @@ def _check_keys(cls, values: dict, where: str, prefix: str = "") -> None:
             _check_keys(section, value, where, prefix + key + ".")
 
 
+def nest_dotted(flat: dict[str, object], into: dict | None = None) -> dict:
+    """Dotted keys as nested dicts, merged into ``into`` (a new dict by default).
+
+    >>> nest_dotted({"lr": 1e-3, "data.seq_len": 64, "data.source": "builtin"})
+    {'lr': 0.001, 'data': {'seq_len': 64, 'source': 'builtin'}}
+    """
+    out = {} if into is None else into
+    for key, value in flat.items():
+        cursor = out
+        *parents, last = key.split(".")
+        for part in parents:
+            cursor = cursor.setdefault(part, {})
+        cursor[last] = value
+    return out
+
+
 def _parse_override(item: str) -> tuple[str, object]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value (for example max_steps=100)")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw != "" else ""
+    return key.strip(), yaml.load(raw, Loader=_Loader) if raw != "" else ""
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
@@ -66,7 +95,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML file (see configs/ for presets)")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = yaml.load(p.read_text(), Loader=_Loader) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys to values")
         layers.append((str(p), loaded))
@@ -74,13 +103,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         layers.append(("command-line flags", values))
     for item in overrides or []:
         key, value = _parse_override(item)
-        nested: dict = {}
-        cursor = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            cursor = cursor.setdefault(part, {})
-        cursor[parts[-1]] = value
-        layers.append((f"override {item!r}", nested))
+        layers.append((f"override {item!r}", nest_dotted({key: value})))
     merged = OmegaConf.structured(cls)
     for where, layer in layers:
         _check_keys(cls, layer, where)
@@ -101,7 +124,13 @@ def to_yaml(cfg) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
-def from_dict(cls: type[T], values: dict) -> T:
-    """Rebuild a config from ``dataclasses.asdict`` output (for example one read back from config.yaml)."""
-    _check_keys(cls, values, "saved config")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
+def from_dict(cls: type[T], values: dict, where: str = "saved config") -> T:
+    """Build a config from a dict of its fields (nested dicts for sections; for example ``dataclasses.asdict``
+    output read back from config.yaml), checked like a loaded one; ``where`` names the dict in errors."""
+    _check_keys(cls, values, where)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"bad value in {where}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+    except ValueError as exc:  # __post_init__ checks of the dataclasses
+        raise ConfigError(str(exc)) from None

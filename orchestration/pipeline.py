@@ -19,10 +19,15 @@ Stages (each one is skipped or resumed when the pipeline is re-run into the same
 
 ``output`` may be a local folder, a folder every node mounts, or a URI: every stage writes its run folder there.
 
-Profiles: ``quick`` (a few steps of every stage: a smoke run, it shows nothing), ``default`` (about 10 minutes on 2
-CPU cores) and ``full`` (longer runs of every stage: several hours; see ``PROFILES``).
+The two PPO stages are ``memtrain rl train`` runs: their configs (``meta``, ``thermo``) are configs/rl/meta.yaml
+and configs/rl/thermo.yaml with the pipeline's sizes on top (``META_CHANGES``, ``THERMO_CHANGES``), and the thermo
+env's continual run is the ``continual`` section of its env_config.
 
-Like the CLI, this module sits on top of the others (it drives ``rl``), so its imports of ``rl`` are local.
+Profiles: ``quick`` (a few steps of every stage: a smoke run, it shows nothing), ``default`` (about 10 minutes on 2
+CPU cores) and ``full`` (longer runs of every stage: several hours; see ``PROFILES``), overrides on top of the
+defaults.
+
+Like the CLI, this module sits on top of the others: it drives ``rl``.
 """
 
 from __future__ import annotations
@@ -33,19 +38,22 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from models.hmst.facts import FactConfig
-from orchestration.checkpoint import load_lm
-from orchestration.config import to_yaml
-from orchestration.data import DataConfig
-from orchestration.errors import MemtrainError, StorageError
-from orchestration.pretrain import PretrainConfig, pretrain
+from orchestration.training.checkpoint import MODEL_RUN_KEY, load_lm
+from orchestration.config import load_config, to_yaml
+from orchestration.data.sources import DataConfig
+from orchestration.errors import ConfigError, MemtrainError, StorageError
+from orchestration.progress import progress
+from orchestration.training.pretrain import PretrainConfig, pretrain
 from orchestration.report import markdown_table, plot_loss_curves, pyplot, save_png
 from orchestration.storage import Location, read_metrics, require_shared, staged
+from rl.train import RLTrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +67,47 @@ PROFILES: dict[str, list[str]] = {
     "quick": ["pretrain.max_steps=30", "pretrain.eval_every=10", "pretrain.checkpoint_every=30",
               "pretrain.log_every=10", "pretrain.model_overrides.n_layers=3", "pretrain.model_overrides.d_model=128",
               "pretrain.data.seq_len=64", "pretrain.data.vocab_size=1024", "facts.copy_examples=400",
-              "facts.n_entities=30", "meta_iterations=1", "meta_batch=8", "meta_env.queries=4",
-              "meta_eval_seeds=2", "meta_eval_episodes=1", "meta_grid=false", "thermo_iterations=1",
-              "thermo_batch=16", "thermo_env.continual.stream.n_tasks=2",
-              "thermo_env.continual.max_steps_per_task=8", "thermo_env.continual.control_interval=4",
-              "thermo_env.continual.eval_windows=4", "thermo_env.continual.data.max_documents=200",
-              "thermo_grid.replay=[0.0,0.3]", "thermo_grid.noise=[0.3]", "thermo_grid.temperature=[1.0]",
-              "thermo_heldout_streams=2"],
+              "facts.n_entities=30", "meta.iterations=1", "meta.ppo.train_batch_size=8", "meta.ppo.minibatch_size=4",
+              "meta.env_config.queries=4", "meta_eval_seeds=2", "meta_eval_episodes=1", "meta_grid=false",
+              "thermo.iterations=1", "thermo.ppo.train_batch_size=16", "thermo.ppo.minibatch_size=8",
+              "thermo.env_config.continual.stream.n_tasks=2", "thermo.env_config.continual.max_steps_per_task=8",
+              "thermo.env_config.continual.control_interval=4", "thermo.env_config.continual.eval_windows=4",
+              "thermo.env_config.continual.data.max_documents=200", "thermo_grid.replay=[0.0,0.3]",
+              "thermo_grid.noise=[0.3]", "thermo_grid.temperature=[1.0]", "thermo_heldout_streams=2"],
     # the defaults below: every claim shown in under 15 minutes on 2 CPU cores
     "default": [],
     # longer runs: hmst-tiny on the harder corpus (distractor facts in the contexts, more natural text), longer
     # PPO, more seeds, 8-task streams with drift (several hours on 2 cores)
     "full": ["pretrain.model=hmst-tiny", "pretrain.max_steps=2400", "facts.distractors=2", "facts.natural_fraction=0.2",
-             "meta_iterations=160", "meta_batch=240", "meta_eval_seeds=8", "meta_eval_episodes=4",
-             "thermo_iterations=16", "thermo_env.continual.stream.n_tasks=8", "thermo_env.continual.stream.perm_mode=drift",
+             "meta.iterations=160", "meta.ppo.train_batch_size=240", "meta.ppo.minibatch_size=60",
+             "meta_eval_seeds=8", "meta_eval_episodes=4", "thermo.iterations=16",
+             "thermo.env_config.continual.stream.n_tasks=8", "thermo.env_config.continual.stream.perm_mode=drift",
              "thermo_heldout_streams=8"],
 }
+
+RL_PRESETS = Path(__file__).resolve().parents[1] / "configs" / "rl"
+# what the pipeline changes in configs/rl/meta.yaml: PPO sized for its budget (an iteration of 120 questions, 80 of
+# them, one checkpoint at the end). The preset's env_config describes the bench run's env: the pipeline's env has its
+# own checkpoint, memory and fact world (META_WIRED, set when the stage runs) and no trained critic (it trains none)
+META_CHANGES = ["output=", "iterations=80", "checkpoint_every=80", "ppo.train_batch_size=120", "ppo.minibatch_size=30"]
+META_WIRED = ("checkpoint", "memory", "memory_name", "namespace", "memory_path", "memory_backup", "fact_seed",
+              "n_entities", "entities")
+# what it changes in configs/rl/thermo.yaml: 10 iterations, one checkpoint at the end, minibatches of 9 env steps
+# (a minibatch must hold one whole LSTM sequence of max_seq_len 8)
+THERMO_CHANGES = ["output=", "iterations=10", "checkpoint_every=10", "ppo.minibatch_size=9"]
+
+
+def rl_preset(env: str, changes: list[str], drop: tuple[str, ...] = ()) -> Callable[[], RLTrainConfig]:
+    """A default factory: configs/rl/<env>.yaml with ``changes`` (key=value overrides) on top, without the
+    env_config keys ``drop``."""
+    def make() -> RLTrainConfig:
+        path = RL_PRESETS / f"{env}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"the pipeline's RL defaults {path} are missing; run it from a checkout of memtrain "
+                              "(pip install -e .), where configs/ sits next to the packages")
+        cfg = load_config(RLTrainConfig, path, changes)
+        return dataclasses.replace(cfg, env_config={k: v for k, v in cfg.env_config.items() if k not in drop})
+    return make
 
 
 @dataclass
@@ -129,13 +162,11 @@ class PipelineConfig:
     """Name of the shared semantic memory actor (namespace "memtrain"; its data lives in <output>/memory, or in
     ~/.cache/memtrain/memory/<name> on the actor's node when output is a URI); "" = "pipeline-" + a hash of the
     output folder, so two pipelines on one cluster keep their own memory."""
-    meta_env: dict[str, Any] = field(default_factory=dict)
-    """env_config of the meta-controller's env (see rl.envs.meta; checkpoint, memory, facts and the entity split
-    are set here)."""
-    meta_iterations: int = 80
-    """PPO iterations of the meta-controller."""
-    meta_batch: int = 120
-    """Env steps (questions) per PPO iteration (an episode of the default env is 6 questions)."""
+    meta: RLTrainConfig = field(default_factory=rl_preset("meta", META_CHANGES, (*META_WIRED, "critic")))
+    """The meta-controller's PPO run (``memtrain rl train meta``): configs/rl/meta.yaml with META_CHANGES (PPO
+    iterations of ppo.train_batch_size questions; an episode of the default env is 6) and without the preset's
+    env_config (no trained critic). The pipeline sets its output (<output>/rl-meta) and its env_config's checkpoint,
+    memory, fact world and entity split."""
     meta_eval_seeds: int = 5
     """Held-out seeds of the meta-controller comparison (the 95% intervals are over seeds)."""
     meta_eval_episodes: int = 2
@@ -149,28 +180,33 @@ class PipelineConfig:
     """Prompt of the text sample shown in the report."""
     sample_tokens: int = 48
     """Tokens to generate for the sample."""
-    thermo_env: dict[str, Any] = field(default_factory=dict)
-    """env_config of the thermodynamic controller's env (see rl.envs.thermo; default: 3 built-in permuted tasks;
-    task_seeds is set here)."""
-    thermo_train_streams: int = 2
-    """Task streams (task_seed 0, 1, ...) PPO trains on and the fixed grid is searched on."""
+    thermo: RLTrainConfig = field(default_factory=rl_preset("thermo", THERMO_CHANGES))
+    """The thermodynamic controller's PPO run (``memtrain rl train thermo``): configs/rl/thermo.yaml with
+    THERMO_CHANGES. Its env_config.task_seeds are the task streams PPO trains on and the fixed grid is searched on;
+    env_config.continual is the continual run (default: 3 built-in permuted tasks). The pipeline sets its output
+    (<output>/rl-thermo)."""
     thermo_heldout_streams: int = 5
     """Held-out task streams (task_seed 1000, 1001, ...) of the comparison; the 95% intervals are over them."""
     thermo_grid: KnobGrid = field(default_factory=KnobGrid)
     """Fixed knob settings searched for the best fixed controller."""
-    thermo_iterations: int = 10
-    """PPO iterations of the thermodynamic controller."""
-    thermo_batch: int = 36
-    """Env steps per PPO iteration (an episode of the default stream is 9 steps)."""
     heldout_seed: int = 1000
     """First held-out seed: meta-controller evaluation seeds and held-out task streams count from it (training
     uses seeds from 0)."""
+
+    def __post_init__(self):
+        if self.meta.env != "meta" or self.thermo.env != "thermo":
+            raise ConfigError(f"meta.env must be meta and thermo.env thermo, got {self.meta.env!r} and "
+                              f"{self.thermo.env!r}")
+        wired = sorted(set(self.meta.env_config) & set(META_WIRED))
+        if wired:
+            raise ConfigError(f"meta.env_config.{wired[0]} is set by the pipeline (its pretraining run, memory actor "
+                              "and fact world; see memory_name and facts); leave it out")
 
 
 def _finished_stage(stage: Location, cfg: PretrainConfig) -> dict | None:
     """The summary of a pretraining stage that already ran to ``max_steps`` (so a re-run skips it); a stage run with
     other model or data settings is refused with the differences (as resuming it would be)."""
-    from orchestration.pretrain import _check_resume_compatible
+    from orchestration.training.pretrain import _check_resume_compatible
 
     _check_resume_compatible(stage, cfg)
     max_steps = cfg.max_steps
@@ -183,7 +219,7 @@ def _finished_stage(stage: Location, cfg: PretrainConfig) -> dict | None:
 
 def _stage_pretrain(cfg: PipelineConfig, out: Location) -> dict:
     from models.hmst.facts import FactWorld, write_corpus
-    from orchestration.data import load_corpus
+    from orchestration.data.sources import load_corpus
 
     corpus = out / "facts" / "corpus.jsonl"
     pre_cfg = dataclasses.replace(cfg.pretrain, output=(out / "pretrain").uri,
@@ -227,7 +263,7 @@ def wilson_ci95(hits: int, n: int) -> tuple[float, float]:
 
         >>> low, high = wilson_ci95(30, 96)
         >>> round(low, 3), round(high, 3)
-        (0.225, 0.414)
+        (0.229, 0.411)
     """
     if n == 0:
         return 0.0, 1.0
@@ -270,7 +306,7 @@ def _stage_memory(cfg: PipelineConfig, out: Location, checkpoint: str) -> tuple[
                              key=world.semantic_key(engine.embedder.signature))
     fill_s = time.perf_counter() - started
     latencies_ms, top1 = [], 0
-    for fact in facts:
+    for fact in progress(facts, desc="timing retrieval", unit="query"):
         query = engine.embedder.embed([fact.question()])
         started = time.perf_counter()
         hits = memory.search(query, k=1)
@@ -283,7 +319,8 @@ def _stage_memory(cfg: PipelineConfig, out: Location, checkpoint: str) -> tuple[
                "latency_p99_ms": float(np.percentile(latencies_ms, 99))}
     rows = []
     for path_name, decisions in RETRIEVAL_PATHS.items():
-        answers = [engine.session().ask(f.question(), Decisions(**decisions)) for f in facts]
+        answers = [engine.session().ask(f.question(), Decisions(**decisions))
+                   for f in progress(facts, desc=f"asking ({path_name})", unit="question")]
         hits = sum(exact_match(a.response, f.value) for a, f in zip(answers, facts))
         low, high = wilson_ci95(hits, len(facts))
         rows.append({"path": path_name, "questions": len(facts), "exact_match": hits / len(facts), "low": low,
@@ -300,33 +337,30 @@ def _memory_name(cfg: PipelineConfig, out: Location) -> str:
 
 def _meta_env_config(cfg: PipelineConfig, out: Location) -> dict:
     name = _memory_name(cfg, out)
-    return {**cfg.meta_env, "checkpoint": (out / "pretrain").uri, "memory": "actor", "memory_name": name,
+    return {**cfg.meta.env_config, "checkpoint": (out / "pretrain").uri, "memory": "actor", "memory_name": name,
             "namespace": MEMORY_NAMESPACE, "memory_path": _memory_places(out, name)[0],
             "memory_backup": _memory_places(out, name)[1], "fact_seed": cfg.facts.seed,
             "n_entities": cfg.facts.n_entities}
 
 
 def _meta_env_settings(cfg: PipelineConfig, out: Location):
-    from rl.envs.meta import MetaEnvConfig
-    from orchestration.config import from_dict
+    from rl.envs import env_settings
 
-    return from_dict(MetaEnvConfig, _meta_env_config(cfg, out))
+    return env_settings("meta", _meta_env_config(cfg, out))
+
+
+def _stage_run(cfg: RLTrainConfig, out: Location, env_config: dict) -> RLTrainConfig:
+    """A PPO stage's run: into its folder under the pipeline's, with its env wired to the pipeline's runs; a re-run
+    resumes the RLlib checkpoints this pipeline wrote there (trust_checkpoint)."""
+    return dataclasses.replace(cfg, output=(out / f"rl-{cfg.env}").uri, env_config=env_config, trust_checkpoint=True)
 
 
 def _stage_meta(cfg: PipelineConfig, out: Location) -> dict:
-    from rl.train import PPOSettings, RLTrainConfig, train_ppo
+    from rl.train import train_ppo
 
     log.info("stage 4/%d: PPO for the HMST meta-controller on sessions about the training entities (%d iterations "
-             "of %d questions)", STAGES, cfg.meta_iterations, cfg.meta_batch)
-    env_config = {**_meta_env_config(cfg, out), "entities": "train"}
-    # gamma 0.3: a decision pays mostly in its own question's reward, so discounting the rest of the session cuts
-    # the advantage's variance (training return after 30 iterations of 120 questions: 1.1, against 0.6 at 0.99)
-    ppo = PPOSettings(train_batch_size=cfg.meta_batch, minibatch_size=max(4, cfg.meta_batch // 4), num_epochs=6,
-                      lr=1e-3, gamma=0.3, entropy_coeff=0.003, fcnet_hiddens=[64, 64])
-    # trust_checkpoint: a re-run resumes the RLlib checkpoints this pipeline wrote into its own folder
-    return train_ppo(RLTrainConfig(env="meta", env_config=env_config, output=(out / "rl-meta").uri,
-                                   iterations=cfg.meta_iterations, checkpoint_every=cfg.meta_iterations, ppo=ppo,
-                                   trust_checkpoint=True))
+             "of %d questions)", STAGES, cfg.meta.iterations, cfg.meta.ppo.train_batch_size)
+    return train_ppo(_stage_run(cfg.meta, out, {**_meta_env_config(cfg, out), "entities": "train"}))
 
 
 def _stage_meta_eval(cfg: PipelineConfig, out: Location) -> tuple[list[dict], str]:
@@ -350,37 +384,28 @@ def _stage_meta_eval(cfg: PipelineConfig, out: Location) -> tuple[list[dict], st
     return compare(rows, best_fixed), best_fixed
 
 
-def _thermo_env_config(cfg: PipelineConfig) -> dict:
-    return {**cfg.thermo_env, "task_seeds": list(range(cfg.thermo_train_streams))}
-
-
 def _stage_thermo(cfg: PipelineConfig, out: Location) -> dict:
-    from rl.train import PPOSettings, RLTrainConfig, train_ppo
+    from rl.train import train_ppo
 
-    log.info("stage 6/%d: PPO for the thermodynamic controller on %d training task streams (%d iterations)", STAGES,
-             cfg.thermo_train_streams, cfg.thermo_iterations)
-    seq = 8  # LSTM BPTT length; a minibatch must hold at least one whole sequence
-    ppo = PPOSettings(use_lstm=True, lstm_cell_size=32, max_seq_len=seq, fcnet_hiddens=[32],
-                      train_batch_size=cfg.thermo_batch, minibatch_size=max(seq, cfg.thermo_batch // 4), num_epochs=4)
-    return train_ppo(RLTrainConfig(env="thermo", env_config=_thermo_env_config(cfg), output=(out / "rl-thermo").uri,
-                                   iterations=cfg.thermo_iterations, checkpoint_every=cfg.thermo_iterations, ppo=ppo,
-                                   trust_checkpoint=True))
+    log.info("stage 6/%d: PPO for the thermodynamic controller on training task streams %s (%d iterations)", STAGES,
+             cfg.thermo.env_settings().task_seeds, cfg.thermo.iterations)
+    return train_ppo(_stage_run(cfg.thermo, out, cfg.thermo.env_config))
 
 
 def _stage_thermo_eval(cfg: PipelineConfig, out: Location) -> tuple[list[dict], list[dict], str, dict[str, dict]]:
     """Search the fixed knob grid on the training streams, then compare the learned controller with the best fixed
-    knobs (and the source's default) on held-out task streams; one held-out stream is also run with each through the
-    continual runner, for its knob plot and evaluation matrix."""
-    from orchestration.continual import run_continual
-    from orchestration.continual_control import FixedController
-    from rl.envs.thermo import baseline_policies, env_settings, knob_grid, learned_controller_resolver
+    knobs (and the original TG-SMN code's default) on held-out task streams; one held-out stream is also run with
+    each through the continual runner, for its knob plot and evaluation matrix."""
+    from orchestration.continual.runner import run_continual
+    from orchestration.continual.control import FixedController
+    from rl.envs.thermo import baseline_policies, knob_grid, learned_controller_resolver
     from rl.evaluate import compare, evaluate
     from rl.policy import LearnedPolicy
 
-    env_config = _thermo_env_config(cfg)
+    env_config, settings = cfg.thermo.env_config, cfg.thermo.env_settings()
     grid = knob_grid(env_config, tuple(cfg.thermo_grid.replay), tuple(cfg.thermo_grid.noise),
                      tuple(cfg.thermo_grid.temperature))
-    train_streams = env_config["task_seeds"]
+    train_streams = settings.task_seeds
     log.info("stage 7/%d: %d fixed knob settings on the %d training streams, then the best one and the learned "
              "controller on %d held-out streams", STAGES, len(grid), len(train_streams), cfg.thermo_heldout_streams)
     grid_rows = evaluate("thermo", env_config, grid, seeds=train_streams, episodes=1,
@@ -391,7 +416,7 @@ def _stage_thermo_eval(cfg: PipelineConfig, out: Location) -> tuple[list[dict], 
     streams = list(range(cfg.heldout_seed, cfg.heldout_seed + cfg.thermo_heldout_streams))
     rows = compare(evaluate("thermo", env_config, policies, seeds=streams, episodes=1,
                             seed_config=lambda stream: {"task_seeds": [stream]}), f"best fixed ({best})")
-    _, continual = env_settings(cfg.thermo_env)
+    continual = settings.continual
     held_out = dataclasses.replace(continual, stream=dataclasses.replace(continual.stream, task_seed=streams[0]))
     runs = {}
     for name, controller, spec in (("fixed", FixedController(grid[best].knobs), "fixed"),
@@ -487,7 +512,7 @@ def _rounded(rows: list[dict], digits: int = 3) -> list[dict]:
 
 
 def run_pipeline(cfg: PipelineConfig, profile: str = "default") -> dict:
-    from orchestration.ray_utils import ensure_ray
+    from orchestration.runtime import ensure_ray
 
     out = Location(cfg.output)
     ensure_ray()  # every stage needs it, a skipped (finished) pretraining stage included
@@ -550,7 +575,7 @@ def run_pipeline(cfg: PipelineConfig, profile: str = "default") -> dict:
     memory_row = {k: v for k, v in memory.items() if k != "latency_ms"}
     on, off = retrieval[1], retrieval[0]
     summary = {"profile": profile, "wall_s": round(time.time() - started, 1), "stage_wall_s": wall,
-               "pretrain": pre, "sample": sample, "memory": memory_row, "retrieval": retrieval, "meta_ppo": meta,
+               MODEL_RUN_KEY: "pretrain", "pretrain": pre, "sample": sample, "memory": memory_row, "retrieval": retrieval, "meta_ppo": meta,
                "meta_eval": meta_rows, "meta_best_fixed": best_meta, "thermo_ppo": thermo,
                "thermo_grid": grid_rows, "thermo_eval": thermo_rows, "thermo_best_fixed": best_knobs,
                "continual": cl_rows}
@@ -617,7 +642,7 @@ def run_pipeline(cfg: PipelineConfig, profile: str = "default") -> dict:
         f"![controller comparison]({meta_cmp_png.uri[len(out.uri) + 1:]})", "",
         _meta_reading(read_metrics(out / "rl-meta"), learned_meta, best_meta), "",
         "## Thermodynamic controller (RLlib PPO, LSTM policy)", "",
-        f"Trained on task streams {_thermo_env_config(cfg)['task_seeds']} (task_seed); the fixed knob grid "
+        f"Trained on task streams {cfg.thermo.env_settings().task_seeds} (task_seed); the fixed knob grid "
         f"({len(grid_rows)} settings of k, replay, noise and temperature) searched on the same streams; both "
         f"evaluated on {cfg.thermo_heldout_streams} held-out streams (task_seed {cfg.heldout_seed}.."
         f"{cfg.heldout_seed + cfg.thermo_heldout_streams - 1}: new permutations and document splits). Reward per "
@@ -639,6 +664,7 @@ def run_pipeline(cfg: PipelineConfig, profile: str = "default") -> dict:
     (out / "thermo-grid" / "results.json").write_json(grid_rows)
     (out / "report.md").write_text("\n".join(report))
     (out / "summary.json").write_json(summary)
-    print(f"[memtrain] pipeline ({profile}) done in {summary['wall_s']:.0f} s; report {out / 'report.md'}\n"
-          + "\n".join(headline), flush=True)
+    size_mb = sum(out.files().values()) / 1e6  # checkpoints, token shards, the memory's store, RL runs, plots
+    print(f"[memtrain] pipeline ({profile}) done in {summary['wall_s']:.0f} s; report {out / 'report.md'}; the "
+          f"output folder holds {size_mb:.0f} MB\n" + "\n".join(headline), flush=True)
     return summary

@@ -170,8 +170,16 @@ def write_report(where: str | os.PathLike | Location) -> Location:
     """Regenerate report.md and plots/ of a pretraining run or a sweep folder (local, shared or a URI); returns
     report.md's location.
 
-    >>> str(write_report("runs/x"))                       # doctest: +SKIP
-    '/home/me/runs/x/report.md'
+    >>> import tempfile
+    >>> from orchestration.storage import MetricsLog
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> run = Location(tmp.name) / "run"                  # a pretraining run's --output
+    >>> metrics = MetricsLog(run / "metrics.jsonl")
+    >>> metrics.append({"step": 10, "loss": 5.2, "eval_loss": 5.0})
+    >>> metrics.append({"step": 20, "loss": 4.1, "eval_loss": 4.3})
+    >>> write_report(run).name, (run / "plots").listdir()
+    ('report.md', ['loss.png'])
+    >>> tmp.cleanup()
     """
     from orchestration.errors import MemtrainError
 

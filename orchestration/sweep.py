@@ -1,13 +1,13 @@
 """Hyperparameter sweeps with Ray Tune over pretraining runs (``memtrain sweep FILE.yaml``).
 
 Each trial is a real Ray Train pretraining run: a light Tune function (0.01 CPU) builds and fits a
-``TorchTrainer`` running :func:`orchestration.pretrain.train_worker`, and a Train callback hands the workers'
-evaluations to the Tune function, which reports them to Tune (the Train v2 + Tune pattern of ray-notes §3;
-``Tuner(TorchTrainer)`` does not work under Train v2). Every trial folder is an ordinary pretraining run folder
-(config.yaml, metrics.jsonl, tensorboard/, checkpoints/), so ``memtrain report`` and ``memtrain pretrain
---output`` work on it. The sweep's ``output`` may be a local path, a folder every node mounts or a URI; Tune's
-experiment state, the trials and the token shards (tokenized once, in ``data/``) all live there, and trials
-start on whatever nodes the cluster (or its autoscaler) has for them.
+``TorchTrainer`` running :func:`orchestration.training.pretrain.train_worker`, and a Train callback hands the workers'
+evaluations to the Tune function, which reports them to Tune (under Ray Train v2, ``Tuner(TorchTrainer)`` does
+not work: a Tune function builds and fits the ``TorchTrainer`` itself). Every trial folder is an ordinary
+pretraining run folder (config.yaml, metrics.jsonl, tensorboard/, checkpoints/), so ``memtrain report`` and
+``memtrain pretrain --output`` work on it. The sweep's ``output`` may be a local path, a folder every node mounts
+or a URI; Tune's experiment state, the trials and the token shards (tokenized once, in ``data/``) all live there,
+and trials start on whatever nodes the cluster (or its autoscaler) has for them.
 
 Schedulers: ASHA stops the worse trials early, FIFO runs them all, and PBT (population based training) makes the
 worse trials continue from the better trials' checkpoints with perturbed hyperparameters. For PBT each trial
@@ -50,19 +50,19 @@ import os
 import signal
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import yaml
 
-from orchestration.checkpoint import TRAINER_STATE_FILE
-from orchestration.config import _valid_keys, from_dict, load_config, to_yaml
+from orchestration.training.checkpoint import TRAINER_STATE_FILE
+from orchestration.config import _valid_keys, from_dict, load_config, nest_dotted, to_yaml
 from orchestration.errors import ConfigError, MemtrainError, check_drill
-from orchestration.pretrain import RESUME_KEYS, PretrainConfig, check_enough_windows, has_checkpoints
-from orchestration.ray_utils import add_address_arg
+from orchestration.training.pretrain import RESUME_KEYS, PretrainConfig, check_enough_windows, has_checkpoints
 from orchestration.storage import CHECKPOINTS, METRICS_FILE, Location, MetricsLog, ray_storage, read_metrics
-from orchestration.tokenizers import TOKENIZER_FILE
+from orchestration.data.tokenizers import TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TUNE_DIR = "tune"            # Tune experiment: <output>/tune/{tuner.pkl, experiment_state-*.json, <trial dirs>}
 TRIALS_DIR = "trials"        # one pretraining run folder per trial: <output>/trials/<trial_id>/
@@ -161,8 +161,7 @@ class SweepConfig:
                               "0.01 is plenty")
         if not self.search:
             raise ConfigError("the search space is empty; add e.g. search: {lr: {loguniform: [1.0e-4, 1.0e-2]}}")
-        for key, spec in self.search.items():
-            _check_spec(key, spec)
+        self.search = flat_search(self.search)
         if self.scheduler.name == "pbt":
             _check_pbt(self)
         kind = TRIAL_KINDS[self.kind]
@@ -211,30 +210,45 @@ def _check_spec(key: str, spec) -> None:
             raise ConfigError(f"search.{key}.loguniform needs low > 0, got {values[0]}")
 
 
+def flat_search(search: dict) -> dict:
+    """The search space with dotted keys, every spec checked. Nested keys, as a command-line override makes them
+    (search.data.seq_len.choice=[64,128] gives {"data": {"seq_len": {"choice": [64, 128]}}}), are joined with dots,
+    so they mean what ``data.seq_len: {choice: [64, 128]}`` means in a YAML file (the later of the two wins).
+
+    >>> flat_search({"lr": {"grid": [1, 2]}, "data": {"seq_len": {"choice": [64, 128]}}})
+    {'lr': {'grid': [1, 2]}, 'data.seq_len': {'choice': [64, 128]}}
+    """
+    flat: dict = {}
+
+    def walk(tree: dict, prefix: str) -> None:
+        for key, value in tree.items():
+            nested = isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values())
+            if nested and not set(value) & set(SEARCH_TYPES):  # a level of keys, not a spec
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value
+
+    walk(search, "")
+    for key, spec in flat.items():
+        _check_spec(key, spec)
+    return flat
+
+
 # --- search space -----------------------------------------------------------------------------------------------
 
-def _set_path(tree: dict, key: str, value) -> None:
-    *parents, last = key.split(".")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    tree[last] = value
-
-
-def trial_config(base: PretrainConfig, params: dict) -> PretrainConfig:
-    """The base config with the sampled ``params`` (dotted keys) put in, checked like any config.
+def trial_config(base: T, params: dict) -> T:
+    """The base config (a pretraining config, or any other: ``memtrain rl tune`` passes a PPO run's) with the
+    sampled ``params`` (dotted keys) put in, checked like any config.
 
     >>> trial_config(PretrainConfig(), {"lr": 1e-3, "model_overrides.d_model": 64}).model_overrides
     {'d_model': 64}
     """
-    values = dataclasses.asdict(base)
-    for key, value in params.items():
-        _set_path(values, key, value)
-    return load_config(PretrainConfig, **values)
+    return load_config(type(base), **nest_dotted(params, into=dataclasses.asdict(base)))
 
 
-def _corner_params(cfg: SweepConfig) -> list[dict]:
+def corner_params(search: dict) -> list[dict]:
     """Every choice/grid value and both ends of every range, combined: what the trials can be, checked up front."""
-    options = {k: next(iter(s.values())) for k, s in cfg.search.items()}
+    options = {k: next(iter(s.values())) for k, s in search.items()}
     keys = list(options)
     return [dict(zip(keys, combo)) for combo in itertools.product(*(options[k] for k in keys))]
 
@@ -250,7 +264,7 @@ def _check_search_keys(cfg: SweepConfig) -> None:
                               f"{', '.join(valid)} (model_overrides.<model field> too)")
         if key == "output":
             raise ConfigError("search key 'output' is not allowed: every trial writes to <sweep output>/trials/<id>")
-    for params in _corner_params(cfg):
+    for params in corner_params(cfg.search):
         try:
             trial = trial_config(cfg.pretrain, params)
             model_config(trial.model, **trial.model_overrides)
@@ -373,7 +387,7 @@ _SHARD_KEYS = [f.name for f in dataclasses.fields(PretrainConfig().data) if f.na
 
 def _prepare_trial_data(trial: PretrainConfig, run: Location, shared, base: PretrainConfig):
     """Reuse the sweep's tokenizer and shards unless the trial searched a setting that changes them."""
-    from orchestration.data import prepare_data
+    from orchestration.data.sources import prepare_data
 
     if all(getattr(trial.data, k) == getattr(base.data, k) for k in _SHARD_KEYS):
         if not (run / TOKENIZER_FILE).is_file():
@@ -387,7 +401,7 @@ def run_pretrain_trial(params: dict, *, sweep: SweepConfig, shared_data) -> None
     from ray import tune
     from ray.util.queue import Queue
 
-    from orchestration.pretrain import _make_metrics_sink, make_trainer, resolve_init_checkpoint
+    from orchestration.training.pretrain import _make_metrics_sink, make_trainer, resolve_init_checkpoint
 
     cfg = sweep
     trial_id = tune.get_context().get_trial_id()
@@ -519,13 +533,25 @@ def _check_restorable(sweep_dir: Location, cfg: SweepConfig) -> None:
                           "use the same settings, or a new output folder")
 
 
+def unfinished_experiment(output: Location, trusted: bool) -> bool:
+    """True when ``output`` holds an interrupted Tune experiment (``<output>/tune``) to restore. Restoring loads
+    Tune's pickles, which run whatever code they name: refused unless ``trusted`` (trust_checkpoint=true)."""
+    if not (output / TUNE_DIR / "tuner.pkl").is_file():
+        return False
+    if not trusted:
+        raise ConfigError(f"{output} holds an unfinished sweep; restoring it loads Tune's pickles, which run whatever "
+                          "code they name. If you wrote this folder, resume with trust_checkpoint=true; otherwise "
+                          "use a new output")
+    return True
+
+
 def sweep(cfg: SweepConfig) -> list[dict]:
     """Run (or resume) a sweep; returns the trials ranked best first (also written to results.csv/.md)."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from orchestration.data import check_source, prepare_data
-    from orchestration.ray_utils import ensure_ray
+    from orchestration.data.sources import check_source, prepare_data
+    from orchestration.runtime import ensure_ray
     from orchestration.storage import require_shared
 
     _check_search_keys(cfg)
@@ -533,13 +559,9 @@ def sweep(cfg: SweepConfig) -> list[dict]:
     sweep_dir = Location(cfg.output)
     cfg = dataclasses.replace(cfg, output=sweep_dir.uri)
     experiment = sweep_dir / TUNE_DIR
-    restoring = (experiment / "tuner.pkl").is_file()
+    restoring = unfinished_experiment(sweep_dir, cfg.trust_checkpoint)
     if restoring:
         _check_restorable(sweep_dir, cfg)
-        if not cfg.trust_checkpoint:
-            raise ConfigError(f"{sweep_dir} holds an unfinished sweep; restoring it loads Tune's pickles, which run "
-                              "whatever code they name. If you wrote this sweep folder, resume with "
-                              "trust_checkpoint=true; otherwise use a new output")
     ensure_ray()
     require_shared(sweep_dir, "output")  # trials on every node write their runs there
     (sweep_dir / "sweep.yaml").write_text(to_yaml(cfg))
@@ -653,28 +675,3 @@ def write_results(sweep_dir: Location, rows: list[dict], cfg: SweepConfig) -> No
     header = (f"# best trial {best['trial_id']} of {sweep_dir}: {cfg.metric} {best[cfg.metric]:.6g}\n"
               f"# memtrain pretrain --config {sweep_dir / 'best_config.yaml'} max_steps=...\n")
     (sweep_dir / "best_config.yaml").write_text(header + yaml.safe_dump(best_cfg, sort_keys=False))
-
-
-# --- command line -----------------------------------------------------------------------------------------------
-
-def _cmd_sweep(args) -> None:
-    cfg = load_config(SweepConfig, args.file, args.overrides)
-    rows = sweep(cfg)
-    unfinished = [f"{r['trial_id']} {r['status']}" for r in rows if r["status"] not in ("completed", "stopped early")]
-    if unfinished or len(rows) < planned_trials(cfg):
-        raise MemtrainError(f"the sweep did not finish: {len(rows) - len(unfinished)} of {planned_trials(cfg)} "
-                            f"trials finished ({', '.join(unfinished) or 'the rest never started'}); see the log "
-                            "above, then run the same command again to resume it")
-
-
-def register(subparsers) -> None:
-    """Add ``memtrain sweep FILE.yaml [key=value ...]`` to the CLI's sub-commands."""
-    p = subparsers.add_parser(
-        "sweep", help="hyperparameter sweep with Ray Tune (ASHA, PBT) over pretraining runs; resumes when re-run",
-        description="Run a Ray Tune sweep described by FILE.yaml (presets in configs/sweeps/). Re-running on the "
-                    "same output directory resumes an interrupted sweep.")
-    p.add_argument("file", metavar="FILE.yaml", help="sweep config (see configs/sweeps/)")
-    add_address_arg(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="override any sweep field, e.g. num_samples=8 pretrain.max_steps=400 output=runs/s2")
-    p.set_defaults(func=_cmd_sweep)

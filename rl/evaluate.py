@@ -12,6 +12,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from orchestration.progress import progress
 from orchestration.report import markdown_table, pyplot, save_png
 from orchestration.storage import Location
 from rl.envs import make_env
@@ -32,8 +33,9 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(stats.t.ppf(0.975, len(arr) - 1) * arr.std(ddof=1) / math.sqrt(len(arr)))
 
 
-def run_episodes(env, policy: Policy, seed: int, episodes: int) -> dict:
-    """Mean return and mean reward parts per episode of ``policy`` on ``env`` with reset seeds ``seed*1000 + i``."""
+def run_episodes(env, policy: Policy, seed: int, episodes: int, bar=None) -> dict:
+    """Mean return and mean reward parts per episode of ``policy`` on ``env`` with reset seeds ``seed*1000 + i``
+    (each finished episode advances ``bar``, a progress bar, when given)."""
     returns, parts = [], {}
     for episode in range(episodes):
         obs, _ = env.reset(seed=seed * 1000 + episode)
@@ -46,6 +48,8 @@ def run_episodes(env, policy: Policy, seed: int, episodes: int) -> dict:
                 parts[key] = parts.get(key, 0.0) + float(value) / episodes
             done = terminated or truncated
         returns.append(total)
+        if bar is not None:
+            bar.update()
     return {"return": float(np.mean(returns)), **parts}
 
 
@@ -59,11 +63,13 @@ def evaluate(env_name: str, env_config: dict, policies: dict[str, Policy], seeds
     stream per seed).
     """
     per_policy: dict[str, list[dict]] = {name: [] for name in policies}
-    for seed in seeds:
-        env = make_env(env_name, {**env_config, **(seed_config(seed) if seed_config else {}), "seed": seed})
-        for name, policy in policies.items():
-            per_policy[name].append(run_episodes(env, policy, seed, episodes))
-        env.close()
+    with progress(desc=f"evaluating {len(policies)} policies on {env_name}",
+                  total=len(seeds) * len(policies) * episodes, unit="episode") as bar:
+        for seed in seeds:
+            env = make_env(env_name, {**env_config, **(seed_config(seed) if seed_config else {}), "seed": seed})
+            for name, policy in policies.items():
+                per_policy[name].append(run_episodes(env, policy, seed, episodes, bar))
+            env.close()
     rows = []
     for name, per_seed in per_policy.items():
         returns = [r["return"] for r in per_seed]

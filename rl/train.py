@@ -2,7 +2,7 @@
 
 Example::
 
-    memtrain rl train thermo --iterations 20 --output runs/rl-thermo ppo.lr=3e-4 env_config.tasks=3
+    memtrain rl train thermo --iterations 20 --output runs/rl-thermo ppo.lr=3e-4 env_config.continual.stream.n_tasks=3
 
 The run folder (a local path, a folder every node mounts, or a URI) holds ``config.yaml``, ``metrics.jsonl`` (one
 row per iteration: episode return, reward parts, action statistics, losses, env steps/s), ``summary.json``,
@@ -24,6 +24,7 @@ from orchestration.config import to_yaml
 from orchestration.errors import ConfigError
 from orchestration.storage import (CHECKPOINTS, METRICS_FILE, Location, MetricsLog, TensorBoardLog, copy_folder,
                                    latest_checkpoint, local_copy, newest_intact_checkpoint, prune_checkpoints, staged)
+from rl.envs import make_env
 from rl.errors import RLError
 from rl.policy import export_policy
 
@@ -86,7 +87,10 @@ class RLTrainConfig:
     env: str = "thermo"
     """meta (HMST meta-controller), thermo (TG-SMN thermodynamic controller), or a gymnasium id."""
     env_config: dict[str, Any] = field(default_factory=dict)
-    """Passed to the env (see the env's config class for its fields)."""
+    """The env's settings, fields of its config class (rl.envs.meta.MetaEnvConfig, rl.envs.thermo.ThermoEnvConfig;
+    sections as nested keys, e.g. env_config.continual.stream.n_tasks=2), checked against it when the config is
+    loaded. Only the keys set here: the env's defaults fill in the rest. A gymnasium id takes none; the env's seed
+    is ``seed``."""
     output: str = "runs/rl"
     """Run folder: a local path, a folder every node mounts, or a URI."""
     iterations: int = 20
@@ -116,6 +120,23 @@ class RLTrainConfig:
         for name in ("num_env_runners", "num_learners", "num_gpus_per_learner"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if "seed" in self.env_config:
+            raise ConfigError(f"env_config.seed: the env's seed is the run's; set seed={self.env_config['seed']} "
+                              "instead")
+        self.env_settings()  # unknown env, unknown env_config keys and bad values: refused now, before Ray starts
+
+    def env_settings(self):
+        """``env_config`` as the env's typed config (None for a gymnasium id)."""
+        from rl.envs import env_settings
+
+        return env_settings(self.env, self.env_config)
+
+    def rllib_env_config(self) -> dict:
+        """The dict RLlib hands to the env: every setting of the env's config, and the run's seed."""
+        from rl.envs import env_config_dict
+
+        settings = self.env_settings()
+        return {} if settings is None else {**env_config_dict(settings), "seed": self.seed}
 
 
 def build_ppo_config(cfg: RLTrainConfig):
@@ -127,8 +148,7 @@ def build_ppo_config(cfg: RLTrainConfig):
 
     p = cfg.ppo
     return (PPOConfig()
-            .environment(rllib_env_name(cfg.env), env_config={**cfg.env_config, "seed": cfg.seed}
-                         if cfg.env in ("meta", "thermo") else cfg.env_config)
+            .environment(rllib_env_name(cfg.env), env_config=cfg.rllib_env_config())
             .env_runners(num_env_runners=cfg.num_env_runners)
             .learners(num_learners=cfg.num_learners, num_gpus_per_learner=cfg.num_gpus_per_learner)
             .training(lr=p.lr, gamma=p.gamma, lambda_=p.lambda_, clip_param=p.clip_param,
@@ -160,12 +180,15 @@ def _row(result: dict, wall_s: float) -> dict:
 
 def train_ppo(cfg: RLTrainConfig) -> dict:
     """Train (or resume) a PPO policy; returns the summary also written to summary.json."""
-    from orchestration.ray_utils import ensure_ray
+    from orchestration.runtime import ensure_ray
 
     run = Location(cfg.output)
     latest = newest_intact_checkpoint(run, CHECKPOINT_PREFIX)
     if latest:
         _check_resumable(run, cfg, latest)
+    # the env built once here (the thermo env builds its task stream): a corpus it cannot read is refused before
+    # Ray starts and before the run folder exists; RLlib builds its own copies later
+    make_env(cfg.env, cfg.rllib_env_config()).close()
     (run / "config.yaml").write_text(to_yaml(cfg))
     ensure_ray()
     algo = build_ppo_config(cfg).build_algo()
@@ -211,12 +234,12 @@ RESUMABLE_CHANGES = ("output", "iterations", "checkpoint_every", "keep_checkpoin
 def _check_resumable(run: Location, cfg: RLTrainConfig, latest) -> None:
     """Before anything is loaded: the folder's run must have this config (but for RESUMABLE_CHANGES), and its
     pickled checkpoints must be trusted explicitly."""
-    from orchestration.checkpoint import config_differences
+    from orchestration.training.checkpoint import config_differences
 
     saved = run / "config.yaml"
     if saved.is_file():
         current = dataclasses.asdict(cfg)
-        diffs = config_differences(saved.read_yaml() or {}, current,
+        diffs = config_differences(_resolved_env(saved.read_yaml() or {}), _resolved_env(current),
                                    [k for k in current if k not in RESUMABLE_CHANGES])
         if diffs:
             raise RLError(f"{run} holds a PPO run with other settings, so it cannot be resumed: {'; '.join(diffs)}. "
@@ -225,6 +248,18 @@ def _check_resumable(run: Location, cfg: RLTrainConfig, latest) -> None:
         raise RLError(f"{run} holds RLlib checkpoints ({latest.location.name}); resuming loads their pickles, which "
                       "run whatever code they name. If you wrote this run folder, resume with --trust-checkpoint "
                       "(trust_checkpoint=true); otherwise use a new --output")
+
+
+def _resolved_env(values: dict) -> dict:
+    """A run config dict with its env_config as the env sees it (every setting, defaults filled in), so a setting
+    spelled out at its default is no difference; an env_config the env no longer accepts is left as it is."""
+    from rl.envs import env_config_dict, env_settings
+
+    try:
+        settings = env_settings(values.get("env", ""), values.get("env_config") or {})
+    except RLError:
+        return values
+    return values if settings is None else {**values, "env_config": env_config_dict(settings)}
 
 
 def _checkpoint(algo, cfg: RLTrainConfig, run: Location) -> None:

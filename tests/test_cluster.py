@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestration.cluster import register, validate_cluster_yaml
+from orchestration.cli.cluster import register, validate_cluster_yaml
 from orchestration.errors import ConfigError
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
@@ -88,6 +88,8 @@ def test_cli_validates_several_files_and_fails_on_any_bad_one(tmp_path, capsys):
     args = parser.parse_args(["cluster", "validate", *good, str(bad)])
     with pytest.raises(ConfigError, match="1 of 4 cluster file"):
         args.func(args)
-    assert f"FAIL {bad}" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert out.out.count("ok ") == 3 and "FAIL" not in out.out  # the failures go to stderr
+    assert out.err.startswith(f"FAIL {bad}: 0.0.0.0 at head_start_ray_commands")
     with pytest.raises(ConfigError, match="does not exist"):
         validate_cluster_yaml(tmp_path / "missing.yaml")

@@ -2,7 +2,7 @@ import pytest
 
 from orchestration.config import load_config, to_yaml
 from orchestration.errors import ConfigError
-from orchestration.pretrain import PretrainConfig
+from orchestration.training.pretrain import PretrainConfig
 
 
 def test_defaults_file_flags_and_overrides_layer_in_order(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -9,16 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+from orchestration.cli import main
 from orchestration.config import load_config
-from orchestration.continual import ContinualConfig, ContinualRunner, run_continual
-from orchestration.continual_control import OBSERVATION_FIELDS, FixedController, Knobs, Signals, resolve_controller
-from orchestration.continual_memory import EWC, ReplayBuffer, mix
-from orchestration.continual_metrics import cl_metrics
-from orchestration.continual_tasks import (StreamConfig, build_stream, domain_schedule, make_permutations,
+from orchestration.continual.runner import ContinualConfig, ContinualRunner, run_continual
+from orchestration.continual.control import OBSERVATION_FIELDS, FixedController, Knobs, Signals, resolve_controller
+from orchestration.continual.replay import EWC, ReplayBuffer, mix
+from orchestration.continual.metrics import cl_metrics
+from orchestration.continual.tasks import (StreamConfig, build_stream, domain_schedule, make_permutations,
                                            task_documents)
-from orchestration.data import DataConfig
+from orchestration.data.sources import DataConfig
 from orchestration.errors import ConfigError, DataError
-from orchestration.tokenizers import load_tokenizer
+from orchestration.data.tokenizers import load_tokenizer
 
 torch.set_num_threads(1)
 
@@ -44,6 +46,30 @@ def _cfg(tmp_path, *overrides, corpus=None):
 
 
 # --- task streams -----------------------------------------------------------------------------------------------
+
+def test_a_cached_stream_is_found_without_reading_the_corpus(tmp_path, monkeypatch):
+    import os
+
+    import orchestration.continual.tasks as tasks
+
+    corpus = _corpus(tmp_path / "c.txt", 30)
+    stream_cfg = StreamConfig(benchmark="permuted", n_tasks=2)
+    data = DataConfig(source=str(corpus), tokenizer="bytes", seq_len=16, cache_dir=str(tmp_path / "cache"))
+    first = build_stream(stream_cfg, data)
+    reads = []
+    read_documents = tasks.task_documents
+    monkeypatch.setattr(tasks, "task_documents", lambda *args: reads.append(1) or read_documents(*args))
+    assert build_stream(stream_cfg, data).folder == first.folder and reads == []  # found by size and mtime
+    stat = corpus.stat()
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: read again, same contents
+    assert build_stream(stream_cfg, data).folder == first.folder and len(reads) == 1
+    assert build_stream(stream_cfg, data).folder == first.folder and len(reads) == 1
+    rebuilt = build_stream(stream_cfg, dataclasses.replace(data, rebuild=True))  # read and tokenized again
+    assert len(reads) == 2 and np.array_equal(np.load(rebuilt.tasks[0].shards["train"]),
+                                              np.load(first.tasks[0].shards["train"]))
+    _corpus(corpus, 30, tag="changed")  # new text: a new stream
+    assert build_stream(stream_cfg, data).folder != first.folder and len(reads) == 3
+
 
 def test_permuted_stream_splits_are_disjoint_and_permutations_are_bijections(tmp_path):
     corpus = _corpus(tmp_path / "c.txt", 45, duplicates=10)
@@ -230,6 +256,7 @@ def test_tiny_run_on_builtin_writes_every_output(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["kind"] == "interval" for r in rows) == 6 and sum(r["kind"] == "eval" for r in rows) == 3
     assert run_continual(cfg) == summary  # a finished run is not redone
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "The", "--max-new-tokens", "4"]) == 0
 
 
 @pytest.mark.parametrize("stop_at", [5, 9])
@@ -288,7 +315,7 @@ def test_bad_inputs_are_refused_with_a_fix(tmp_path):
 def test_cli_maps_data_to_the_benchmark(tmp_path):
     import argparse
 
-    from orchestration.continual import config_from_args, register
+    from orchestration.cli.continual import config_from_args, register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
@@ -303,7 +330,7 @@ def test_cli_maps_data_to_the_benchmark(tmp_path):
 
 @pytest.mark.slow  # Ray worker start-up dominates (~15 s on 2 busy cores)
 def test_grid_runs_as_ray_tasks_and_skips_finished_runs(tmp_path, ray_session):
-    from orchestration.continual_grid import GridConfig, run_grid
+    from orchestration.continual.grid import GridConfig, run_grid
 
     corpus = _corpus(tmp_path / "corpus.txt", 40)
     base = [f"base.{o}" for o in TINY] + [f"base.data.source={corpus}", f"base.data.cache_dir={tmp_path}/cache",

@@ -194,7 +194,7 @@ def test_bad_input_is_refused_with_the_fix_and_nothing_is_written(tmp_path, caps
         argv += ["--output", str(out)]
     elif argv[0] == "sweep":
         argv += [f"output={out}"]
-    assert main(argv) == 2
+    assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("memtrain: error: ") and len(err.splitlines()) == 1  # one line, no traceback
     assert re.search(message, err), err

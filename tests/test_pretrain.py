@@ -5,11 +5,11 @@ import re
 
 import pytest
 
-from orchestration.checkpoint import find_checkpoint, load_training_checkpoint
+from orchestration.training.checkpoint import find_checkpoint, load_training_checkpoint
 from orchestration.cli import main
 from orchestration.config import load_config
 from orchestration.errors import CheckpointError, ConfigError, MemtrainError
-from orchestration.pretrain import PretrainConfig, pretrain
+from orchestration.training.pretrain import PretrainConfig, pretrain
 from orchestration.storage import read_metrics
 
 WORKERS, BATCH, SEQ = 2, 8, 32
@@ -103,7 +103,7 @@ def test_bad_inputs_give_clear_errors(uninterrupted, tmp_path, shard_cache, caps
     out, _ = uninterrupted
 
     def error_of(*argv):
-        assert main(list(argv)) == 2
+        assert main(list(argv)) == 1
         return capsys.readouterr().err
 
     assert "no such file or folder" in error_of("pretrain", "--data", str(tmp_path / "missing.txt"),
@@ -151,7 +151,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_on_resume(ray_session, tmp_path,
     ("gpus_per_worker=-1", "gpus_per_worker must be >= 0"), ("data.max_documents=-3", "max_documents must be >= 0"),
 ])
 def test_bad_numbers_are_refused_before_anything_starts(tmp_path, capsys, override, message):
-    assert main(["pretrain", "--output", str(tmp_path / "run"), override]) == 2
+    assert main(["pretrain", "--output", str(tmp_path / "run"), override]) == 1
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
 

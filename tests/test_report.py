@@ -8,7 +8,7 @@ import yaml
 
 from orchestration.errors import MemtrainError
 from orchestration.report import write_report
-from orchestration.report_cli import register
+from orchestration.cli.report import register
 
 
 def fake_run(run_dir, lr, eval_losses):

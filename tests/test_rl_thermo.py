@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from gymnasium.utils.env_checker import check_env
 
 from orchestration.cli import main
@@ -35,7 +36,8 @@ def test_action_knob_mapping_round_trips(thermo_env_config):
         back = knobs_from_action(policy.action, env.cfg)
         assert (back.k, round(back.replay_ratio, 6), round(back.router_noise, 6)) == (
             policy.knobs.k, policy.knobs.replay_ratio, policy.knobs.router_noise)
-    with pytest.raises(RLError, match="unknown thermo env_config key"):
+    with pytest.raises(RLError, match="bad env_config for the thermo env: unknown config key 'rewards' in env_config; "
+                                      "valid keys: .*reward, compute_penalty"):
         ThermoControllerEnv({"rewards": "tiur"})
 
 
@@ -73,3 +75,18 @@ def test_ppo_lstm_policy_outside_rllib_and_in_the_runner(ray_session, thermo_env
                  "data.max_documents=200", *[f"model_overrides.{k}={v}" for k, v in c["model_overrides"].items()]]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["controller"] == str(run)
+
+    # a grid with the policy's path among its controllers: the policy is resolved inside every Ray task, and each
+    # cell is written under the grid's own output (named after the policy's run folder)
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({
+        "base": {"data": {"source": "builtin", "tokenizer": "bytes", "seq_len": 16, "max_documents": 200,
+                          "cache_dir": c["data"]["cache_dir"]},
+                 "stream": {"n_tasks": 2}, "max_steps_per_task": 3, "control_interval": 3, "batch_size": 4,
+                 "eval_windows": 4, "model_overrides": c["model_overrides"]},
+        "controllers": ["fixed", str(run)], "seeds": [0], "output": str(tmp_path / "grid"), "cpus_per_run": 0.5}))
+    assert main(["continual-grid", str(grid_file)]) == 0
+    cells = {p.parent.parent.name: json.loads(p.read_text()) for p in (tmp_path / "grid").glob("*/*/*/seed0/summary.json")}
+    assert set(cells) == {"fixed", "learned-rl"} and cells["learned-rl"]["controller"] == str(run)
+    assert cells["learned-rl"]["status"] == "finished" and not list(run.glob("**/seed0"))
+    assert "learned-rl" in (tmp_path / "grid" / "results.md").read_text()

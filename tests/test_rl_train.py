@@ -5,7 +5,6 @@ import json
 import gymnasium as gym
 import numpy as np
 import pytest
-import yaml
 
 from orchestration.config import load_config
 from rl.errors import RLError
@@ -73,21 +72,21 @@ def test_ppo_hyperparameter_sweep_ranks_trials(ray_session, tmp_path):
     from rl.tune import PPOTuneConfig, tune_ppo
 
     cfg = load_config(PPOTuneConfig, overrides=[
-        "base.env=CartPole-v1", *[f"base.{o}" for o in TINY], "iterations=2", "lr=[1e-3,1e-4]",
-        "entropy_coeff=[0.0]", f"output={tmp_path}"])
+        "base.env=CartPole-v1", *[f"base.{o}" for o in TINY], "iterations=2", "search.ppo.lr.grid=[1.0e-3,1.0e-4]",
+        f"output={tmp_path}"])
     rows = tune_ppo(cfg)
-    assert len(rows) == 2 and {r["lr"] for r in rows} == {1e-3, 1e-4} and all(r["error"] is None for r in rows)
+    assert len(rows) == 2 and {r["ppo.lr"] for r in rows} == {1e-3, 1e-4} and all(r["error"] is None for r in rows)
     # each trial's own results, as Tune logged them in its folder (one line per PPO iteration)
     own_return = {}
     for row in rows:
         results = [json.loads(line) for line in (tmp_path / "tune" / row["trial"] / "result.json").read_text()
                    .splitlines()]
         assert [r["training_iteration"] for r in results] == [1, 2] and row["iterations"] == 2
-        assert results[-1]["config"]["lr"] == row["lr"]
+        assert results[-1]["config"]["ppo.lr"] == row["ppo.lr"]
         own_return[row["trial"]] = results[-1]["env_runners"]["episode_return_mean"]  # the last iteration's
         assert row["return_mean"] == pytest.approx(own_return[row["trial"]])
-    # ranked by those returns, highest first; best.yaml holds the winner's hyperparameters
+    # ranked by those returns, highest first; best.yaml is the winner's run config, which rl train loads
     assert [r["trial"] for r in rows] == sorted(own_return, key=own_return.get, reverse=True)
-    best = yaml.safe_load((tmp_path / "best.yaml").read_text())["ppo"]
-    assert best["lr"] == rows[0]["lr"] and best["entropy_coeff"] == 0.0
+    best = load_config(RLTrainConfig, tmp_path / "best.yaml")
+    assert best.ppo.lr == rows[0]["ppo.lr"] and best.env == "CartPole-v1" and best.ppo.train_batch_size == 128
     assert rows[0]["trial"] in (tmp_path / "results.md").read_text().splitlines()[4]

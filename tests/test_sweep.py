@@ -10,7 +10,7 @@ import pytest
 
 from orchestration.config import load_config
 from orchestration.errors import ConfigError
-from orchestration.pretrain import PretrainConfig
+from orchestration.training.pretrain import PretrainConfig
 from orchestration.storage import read_metrics
 from orchestration.sweep import SweepConfig, _scheduler, planned_trials, sweep, trial_config, tune_space
 

@@ -1,6 +1,6 @@
-"""The HMST source's base MoE model and Stage-1 training step (spec hmst.md §1.1, §3.1), for same-run comparisons.
+"""The HMST source's base MoE model and Stage-1 training step, for same-run comparisons.
 
-Re-implemented from the spec and the source's ``hmst/models/base_moe.py`` (51089e1) at its "tiny" preset with
+Re-implemented from the source's ``hmst/models/base_moe.py`` (51089e1) at its "tiny" preset with
 ``train.py``'s vocabulary (V 50,258 = GPT-2 + <pad>, d 512, 6 layers, 8 heads, d_ff 2,048, 4 experts, top-2,
 max_seq_len 8,192, dropout 0.1). What the source does, kept because it is what is timed:
 
@@ -15,7 +15,7 @@ max_seq_len 8,192, dropout 0.1). What the source does, kept because it is what i
   AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.01 on every parameter, PyTorch's default implementation).
   The LambdaLR schedule is left out: it costs microseconds a step.
 
-The model has the spec's §2 parameter count for "tiny": 86.65M.
+The model has the source's parameter count for "tiny": 86.65M.
 """
 
 from __future__ import annotations

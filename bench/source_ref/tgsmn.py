@@ -1,19 +1,19 @@
-"""The TG-SMN source's language model and training step (spec tgsmn.md §1, §4), for same-run comparisons.
+"""The TG-SMN source's language model and training step, for same-run comparisons.
 
-Re-implemented from the spec and the source's ``tg_smn/models/transformer_lm.py`` (66ebd85) with its default
+Re-implemented from the source's ``tg_smn/models/transformer_lm.py`` (66ebd85) with its default
 shape (``ModelCfgLM``: d 192, 4 heads, 4 layers, dropout 0.1, E 256 experts in groups of 32, rank 16, k <= 2).
 Kept as the source has them, because they are what is timed:
 
 - pre-LN blocks around ``nn.MultiheadAttention`` (float -inf causal mask, ``need_weights=False``), sinusoidal
   positions, functional dropout 0.1 after the embedding, attention and FFN, an untied head;
 - dense FFN: d -> 4d -> d with ReLU;
-- sparse FFN in every block: a group router of which only the argmax is used (so it never trains, B1), then
+- sparse FFN in every block: a group router of which only the argmax is used (so it never trains), then
   per token a copy of its group's local router and of its k experts' low-rank weights gathered from the
-  stacked parameters (S2), Gaussian noise on the local scores and a softmax over the k kept scores;
+  stacked parameters, Gaussian noise on the local scores and a softmax over the k kept scores;
 - the step of ``run_lm_experiment`` without its probes: mean cross-entropy, backward, clip 1.0, AdamW (lr 3e-4,
   weight decay 0, PyTorch's default implementation).
 
-At V 8,176 the models have the spec's §1.5 parameter counts: 4,919,424 dense, 10,230,176 sparse.
+At V 8,176 the models have the source's parameter counts: 4,919,424 dense, 10,230,176 sparse.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The THL source's model and training step (spec thl.md §2, §4), for same-run comparisons.
+"""The THL source's model and training step, for same-run comparisons.
 
-Re-implemented from the spec and the source's ``thl/`` package (ca3b218) at the spec's "small" shape (V 512,
+Re-implemented from the source's ``thl/`` package (ca3b218) at its "small" benchmark shape (V 512,
 d 256 everywhere, 3 GRU tiers clocked at 1/8/64, a 64-entry local window, J 256 slots, 4 read heads x 64,
 kappa 4, one write slot). What the source does, kept because it is what is timed:
 
@@ -14,7 +14,7 @@ kappa 4, one write slot). What the source does, kept because it is what is timed
   one picked per row; decay of the whole memory and an additive scatter; the write metadata; LayerNorm and head;
 - the harness step: mean cross-entropy on the shifted targets, backward, AdamW (lr 1e-4, PyTorch's default).
 
-The model has the spec's §1 parameter count for "small": 2,920,960 (the writer's dead ``W_r`` included).
+The model has the source's parameter count for "small": 2,920,960 (the writer's dead ``W_r`` included).
 """
 
 from __future__ import annotations

@@ -10,11 +10,16 @@
 
 Example::
 
+    >>> import tempfile
     >>> from orchestration.storage import Location, MetricsLog
-    >>> run = Location("s3://my-bucket/runs/a")             # or "runs/a", or "/mnt/shared/runs/a"
-    >>> (run / "config.yaml").write_text("lr: 0.001\\n")     # doctest: +SKIP
-    >>> MetricsLog(run / "metrics.jsonl").rows()            # doctest: +SKIP
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> run = Location(f"{tmp.name}/runs/a")       # or "s3://my-bucket/runs/a", or "/mnt/shared/runs/a": same calls
+    >>> (run / "config.yaml").write_text("lr: 0.001\\n")
+    >>> (run / "config.yaml").read_yaml()
+    {'lr': 0.001}
+    >>> MetricsLog(run / "metrics.jsonl").rows()
     []
+    >>> tmp.cleanup()
 """
 
 from orchestration.errors import StorageError

@@ -12,11 +12,13 @@ it runs.
 Example::
 
     >>> import tempfile
-    >>> cache, shared = tempfile.mkdtemp(), Location(tempfile.mkdtemp())
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> cache, shared = f"{tmp.name}/cache", Location(tmp.name) / "shared"
     >>> local = build_bundle(cache, "abc123", lambda d: (d / "train.txt").write_text("tokens"))
     >>> ref = publish_bundle(local, shared / "abc123")
-    >>> (fetch_bundle(ref, tempfile.mkdtemp()) / "train.txt").read_text()   # another node's cache
+    >>> (fetch_bundle(ref, f"{tmp.name}/other-cache") / "train.txt").read_text()   # another node's cache
     'tokens'
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

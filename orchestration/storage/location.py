@@ -11,12 +11,14 @@ or not at all.
 Example::
 
     >>> import tempfile
-    >>> run = Location(tempfile.mkdtemp()) / "run"
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> run = Location(tmp.name) / "run"
     >>> (run / "summary.json").write_json({"step": 10})
     >>> (run / "summary.json").read_json()["step"], run.listdir()
     (10, ['summary.json'])
     >>> Location("s3://bucket/runs/a").name, str(Location("s3://bucket/runs/a").parent)
     ('a', 's3://bucket/runs')
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

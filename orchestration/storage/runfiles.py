@@ -15,13 +15,15 @@ Checkpoints are ordered by the number in their name, never by the name itself (`
 Example::
 
     >>> import tempfile
-    >>> run = Location(tempfile.mkdtemp())
-    >>> src = Path(tempfile.mkdtemp()); _ = (src / "weights.bin").write_bytes(b"x" * 10)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> run = Location(tmp.name) / "run"
+    >>> src = Path(tmp.name) / "made"; src.mkdir(); _ = (src / "weights.bin").write_bytes(b"x" * 10)
     >>> copy_folder(src, run / CHECKPOINTS / "step_000010")
     >>> [c.step for c in list_checkpoints(run, "step_")]
     [10]
     >>> log = MetricsLog(run / "metrics.jsonl"); log.append({"step": 10, "loss": 2.5}); log.rows()
     [{'step': 10, 'loss': 2.5}]
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

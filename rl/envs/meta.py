@@ -43,7 +43,7 @@ from models.hmst.critic import Critic, CriticConfig
 from models.hmst.engine import (Decisions, EngineConfig, HMSTEngine, Session, critic_flops, lm_forward_flops)
 from models.hmst.facts import PLACEMENTS, Fact, FactConfig, FactWorld, exact_match
 from models.hmst.meta_controller import STATE_FEATURES
-from orchestration.config import from_dict
+from rl.envs import env_settings
 from rl.errors import RLError
 
 QUERY_PROJECTION_SEED = 0
@@ -124,11 +124,11 @@ class MetaEnvConfig:
 def load_env_engine(cfg: MetaEnvConfig, semantic_memory) -> HMSTEngine:
     """The engine the env runs: the checkpoint's model and tokenizer (or a random micro model), and the critic."""
     from models.registry import build_model
-    from orchestration.tokenizers import ByteTokenizer
+    from orchestration.data.tokenizers import ByteTokenizer
 
     torch.manual_seed(cfg.seed)
     if cfg.checkpoint:
-        from orchestration.checkpoint import load_lm
+        from orchestration.training.checkpoint import load_lm
 
         model, tokenizer, _ = load_lm(cfg.checkpoint)
     else:
@@ -152,7 +152,7 @@ def n_experts_of(cfg: MetaEnvConfig) -> int:
         return 4  # hmst-micro
     from models.io import CONFIG_FILE
     from models.registry import model_config
-    from orchestration.checkpoint import find_checkpoint
+    from orchestration.training.checkpoint import find_checkpoint
 
     spec = (find_checkpoint(cfg.checkpoint) / CONFIG_FILE).read_json()
     return model_config(spec["name"], **spec["config"]).n_experts
@@ -164,11 +164,7 @@ class MetaControllerEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, env_config: dict | None = None):
-        try:
-            self.cfg = from_dict(MetaEnvConfig, dict(env_config or {}))
-        except Exception as exc:  # unknown keys or bad values, with the valid keys listed
-            raise RLError(f"bad env_config for the meta env: {exc}") from None
-        cfg = self.cfg
+        self.cfg = cfg = env_settings("meta", env_config)
         self.world = FactWorld(FactConfig(seed=cfg.fact_seed, n_entities=cfg.n_entities))
         self.n_experts = n_experts_of(cfg)
         n_obs = cfg.query_dims + len(STATE_FEATURES) + 1
@@ -339,7 +335,7 @@ def baseline_policies(env_config: dict | None = None) -> dict:
         >>> sorted(baseline_policies({"memory": "local"}))
         ['all_off', 'all_on', 'random', 'retrieval_only', 'semantic_exit']
     """
-    cfg = from_dict(MetaEnvConfig, dict(env_config or {}))
+    cfg = env_settings("meta", env_config)
     return {"all_on": FixedPolicy(Decisions(episodic=True, semantic=True, verify=True)),
             "all_off": FixedPolicy(Decisions()),
             "retrieval_only": FixedPolicy(Decisions(episodic=True, semantic=True)),

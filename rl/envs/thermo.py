@@ -1,7 +1,7 @@
 """ThermoControllerEnv: the TG-SMN thermodynamic controller's environment, around the continual-learning runner.
 
 One env step trains ``control_interval`` steps of the runner with the knobs the action sets; the observation is
-the training signals of that interval (``orchestration.continual_control.Signals``, squashed with a symmetric
+the training signals of that interval (``orchestration.continual.control.Signals``, squashed with a symmetric
 log so losses, norms and efficiency ratios share one scale); an episode is one task stream.
 
 Rewards (``reward``):
@@ -9,7 +9,7 @@ Rewards (``reward``):
 - ``retention``: minus the change of the mean held-out loss over the tasks seen so far (measured on the same
   tasks before and after the interval, so a new task starting is not a penalty), minus ``compute_penalty`` x
   k / k_max;
-- ``tiur``: the source's TIUR efficiency per unit compute, eta / (k (1 + replay ratio)).
+- ``tiur``: the original TG-SMN code's TIUR efficiency per unit compute, eta / (k (1 + replay ratio)).
 
 Example::
 
@@ -20,7 +20,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
@@ -29,32 +28,32 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from orchestration.config import load_config
-from orchestration.continual import ContinualConfig, ContinualRunner
-from orchestration.continual_control import OBSERVATION_FIELDS, Knobs, Signals
+from orchestration.continual.control import OBSERVATION_FIELDS, Knobs, Signals
+from orchestration.continual.runner import ContinualConfig, ContinualDataConfig, ContinualRunner
+from orchestration.continual.tasks import StreamConfig
+from rl.envs import env_settings
 from rl.errors import RLError
 
-# a stream small enough for RL on a laptop: 3 tasks of 30 steps, 3 env steps per task
-DEFAULT_CONTINUAL: dict[str, Any] = {
-    "model": "tgsmn-sparse-tiny",
-    "model_overrides": {"n_layers": 2},
-    "data": {"source": "builtin", "tokenizer": "bytes", "seq_len": 32, "max_documents": 600},
-    "stream": {"n_tasks": 3},
-    "max_steps_per_task": 30,
-    "control_interval": 10,
-    "batch_size": 8,
-    "eval_windows": 16,
-    "replay_capacity": 512,
-    "threads": 1,
-}
+
+def laptop_stream() -> ContinualConfig:
+    """The continual run the env steers by default, small enough for RL on a laptop: 3 built-in permuted tasks of
+    30 steps of a 2-layer tgsmn-sparse-tiny, 3 env steps per task."""
+    return ContinualConfig(model="tgsmn-sparse-tiny", model_overrides={"n_layers": 2},
+                           data=ContinualDataConfig(source="builtin", tokenizer="bytes", seq_len=32, max_documents=600),
+                           stream=StreamConfig(n_tasks=3), max_steps_per_task=30, control_interval=10, batch_size=8,
+                           eval_windows=16, replay_capacity=512, threads=1)
 
 
 @dataclass
 class ThermoEnvConfig:
-    continual: dict[str, Any] = field(default_factory=dict)
-    """ContinualConfig fields (nested dicts) merged over DEFAULT_CONTINUAL: the stream the controller steers."""
+    """The env's settings (``env_config`` keys); unknown keys are refused."""
+
+    continual: ContinualConfig = field(default_factory=laptop_stream)
+    """The continual-learning run the controller steers (default ``laptop_stream()``; set any of its fields, e.g.
+    env_config.continual.stream.n_tasks=2). Its stream.task_seed is replaced by task_seeds, episode by episode."""
     reward: str = "retention"
-    """retention (held-out loss change minus compute) or tiur (the source's efficiency per unit compute)."""
+    """retention (held-out loss change minus compute) or tiur (efficiency per unit compute, from the original TG-SMN
+    code)."""
     compute_penalty: float = 0.05
     """Retention reward: weight of the compute cost k / k_max per interval."""
     replay_max: float = 0.5
@@ -79,24 +78,6 @@ class ThermoEnvConfig:
             raise RLError("task_seeds must name at least one task stream")
         if not 0 < self.replay_max < 1 or self.noise_max < 0 or not 0 < self.temperature_min <= self.temperature_max:
             raise RLError("need 0 < replay_max < 1, noise_max >= 0 and 0 < temperature_min <= temperature_max")
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def env_settings(env_config: dict) -> tuple[ThermoEnvConfig, ContinualConfig]:
-    """The env's own config and the continual run it steers, from an RLlib ``env_config`` dict."""
-    fields = {f.name for f in dataclasses.fields(ThermoEnvConfig)}
-    unknown = sorted(set(env_config) - fields)
-    if unknown:
-        raise RLError(f"unknown thermo env_config key(s) {unknown}; valid: {', '.join(sorted(fields))}")
-    cfg = ThermoEnvConfig(**env_config)
-    continual = load_config(ContinualConfig, **_deep_merge(DEFAULT_CONTINUAL, cfg.continual))
-    return cfg, continual
 
 
 def observation(signals: Signals) -> np.ndarray:
@@ -130,20 +111,21 @@ class ThermoControllerEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, env_config: dict | None = None):
-        self.cfg, self.continual = env_settings(dict(env_config or {}))
+        self.cfg = env_settings("thermo", env_config)
         # one runner per task stream, each built (or read from the cache) once, on the first episode that needs it
         self._runners: dict[int, ContinualRunner] = {}
         self._episode = 0
         self.runner = self._runner(self.cfg.task_seeds[0])
-        self.k_max = _k_max(self.continual)
+        self.k_max = _k_max(self.cfg.continual)
         self.observation_space = gym.spaces.Box(-20.0, 20.0, shape=(len(OBSERVATION_FIELDS),), dtype=np.float32)
         self.action_space = action_space(self.k_max)
         self._episode_seed = self.cfg.seed
 
     def _runner(self, task_seed: int) -> ContinualRunner:
         if task_seed not in self._runners:
-            stream = dataclasses.replace(self.continual.stream, task_seed=int(task_seed))
-            self._runners[task_seed] = ContinualRunner(dataclasses.replace(self.continual, stream=stream))
+            continual = self.cfg.continual
+            stream = dataclasses.replace(continual.stream, task_seed=int(task_seed))
+            self._runners[task_seed] = ContinualRunner(dataclasses.replace(continual, stream=stream))
         return self._runners[task_seed]
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -199,13 +181,15 @@ def _k_max(continual: ContinualConfig) -> int:
 
 
 def baseline_policies(env_config: dict) -> dict[str, FixedKnobsPolicy]:
-    """A grid of fixed knob settings, the source's default (k 2, replay 0.10, noise 0.30, temperature 1.0) first."""
-    cfg, continual = env_settings(dict(env_config))
-    k_max = _k_max(continual)
-    grid = {"source-default": Knobs(min(2, k_max), 0.10, 0.30, 1.0)}
+    """A grid of fixed knob settings, the original TG-SMN code's default first ("source-default": ``Knobs()``, k at
+    most the model's), then k x replay with the default noise and temperature."""
+    cfg = env_settings("thermo", env_config)
+    k_max = _k_max(cfg.continual)
+    default = Knobs()
+    grid = {"source-default": dataclasses.replace(default, k=min(default.k, k_max))}
     for k in range(1, k_max + 1):
         for replay in (0.0, 0.3):
-            grid[f"k{k}-replay{replay:.1f}"] = Knobs(k, replay, 0.30, 1.0)
+            grid[f"k{k}-replay{replay:.1f}"] = dataclasses.replace(default, k=k, replay_ratio=replay)
     return {name: FixedKnobsPolicy(knobs, cfg) for name, knobs in grid.items()}
 
 
@@ -216,13 +200,13 @@ def knob_grid(env_config: dict, replay: tuple[float, ...] = (0.0, 0.25, 0.5), no
 
     Example::
 
-        >>> grid = knob_grid({}, replay=(0.0, 0.5), noise=(0.3,), temperature=(1.0,))   # doctest: +SKIP
-        >>> sorted(grid)                                                                 # doctest: +SKIP
+        >>> grid = knob_grid({}, replay=(0.0, 0.5), noise=(0.3,), temperature=(1.0,))
+        >>> sorted(grid)
         ['k1-r0-n0.3-t1', 'k1-r0.5-n0.3-t1', 'k2-r0-n0.3-t1', 'k2-r0.5-n0.3-t1']
     """
-    cfg, continual = env_settings(dict(env_config))
+    cfg = env_settings("thermo", env_config)
     grid = {}
-    for k, r, n, t in itertools.product(range(1, _k_max(continual) + 1), replay, noise, temperature):
+    for k, r, n, t in itertools.product(range(1, _k_max(cfg.continual) + 1), replay, noise, temperature):
         knobs = Knobs(k, min(r, 0.999), n, t)
         grid[f"k{k}-r{r:g}-n{n:g}-t{t:g}"] = FixedKnobsPolicy(knobs, cfg)
     return grid
@@ -258,5 +242,4 @@ def learned_controller_resolver(spec: str) -> LearnedThermoController | None:
         raise RLError(f"{policy_dir} holds a policy for env {policy.env_name!r}; the continual runner needs a thermo one")
     run_config = policy_dir.parent / "config.yaml"
     env_config = (run_config.read_yaml() or {}).get("env_config", {}) if run_config.is_file() else {}
-    env_config = {k: v for k, v in env_config.items() if k != "continual"}
-    return LearnedThermoController(policy, ThermoEnvConfig(**env_config))
+    return LearnedThermoController(policy, env_settings("thermo", env_config))

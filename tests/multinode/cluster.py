@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 BASE_PREFIX = "memtrain-mn-"  # base folders are /tmp/memtrain-mn-*
 OWNER_FILE = "owner"  # "<pid> <create time>" of the process that owns a base folder
-# The head's default memtrain cache (orchestration/data.py, continual_tasks.py, hmst_cli.py): node-local disk.
+# The head's default memtrain cache (orchestration/data/sources.py, continual_tasks.py, hmst_cli.py): node-local disk.
 HEAD_CACHE_DIR = Path("~/.cache/memtrain").expanduser()
 # Ports are picked below the kernel's ephemeral range (32768-60999 here), where outgoing connections and
 # bind(port 0) - Ray's own random ports included - never land, and above Ray's default worker ports

@@ -124,7 +124,7 @@ def _ddp_loop(config):
         if ctx.get_world_rank() == 0:
             Path(d, "nodes.json").write_text(json.dumps(nodes))
             checkpoint = ray.train.Checkpoint.from_directory(d)
-        # Result.metrics are those of the latest checkpoint (ray-notes §1): report them with one
+        # under Ray Train v2, Result.metrics are those of the latest checkpoint (None without one): report them with one
         ray.train.report({"sum": total.item(), "nodes": ",".join(nodes), "backend": dist.get_backend(),
                           "local_world_size": ctx.get_local_world_size()}, checkpoint=checkpoint)
 

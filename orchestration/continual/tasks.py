@@ -11,8 +11,8 @@ Two benchmarks (``StreamConfig.benchmark``):
 
 Every document is used once: all splits of a corpus are pooled, exact duplicates dropped, the pool shuffled
 with ``task_seed`` and cut into tasks, and each task's documents split into train, validation and test. So no
-text is shared between a task's train, validation and test splits (the source drew validation from the
-training pool, spec §5 B12). One tokenizer (trained on the tasks' training text only) serves every task.
+text is shared between a task's train, validation and test splits (the original TG-SMN code drew validation
+from the training pool). One tokenizer (trained on the tasks' training text only) serves every task.
 
 A stream is a data bundle (``orchestration.storage.bundles``): tokenizer, shards and ``stream.json`` in this
 node's ``data.cache_dir``, named by a hash of the settings and the text, so grid runs and RL envs on the same
@@ -21,12 +21,15 @@ opens it on another node (``memtrain continual-grid`` does this for its runs).
 
 Example::
 
-    >>> from orchestration.continual_tasks import StreamConfig, build_stream
-    >>> from orchestration.data import DataConfig
+    >>> from orchestration.continual.tasks import StreamConfig, build_stream
+    >>> from orchestration.data.sources import DataConfig
+    >>> import tempfile
+    >>> cache = tempfile.TemporaryDirectory()           # this node's cache (default ~/.cache/memtrain/shards)
     >>> stream = build_stream(StreamConfig(benchmark="permuted", n_tasks=3),
-    ...                       DataConfig(source="builtin", tokenizer="bytes", seq_len=32))   # doctest: +SKIP
-    >>> [t.name for t in stream.tasks]                                                       # doctest: +SKIP
+    ...                       DataConfig(source="builtin", tokenizer="bytes", seq_len=32, cache_dir=cache.name))
+    >>> [t.name for t in stream.tasks]
     ['permuted-0', 'permuted-1', 'permuted-2']
+    >>> cache.cleanup()
 """
 
 from __future__ import annotations
@@ -36,15 +39,18 @@ import functools
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from orchestration.data import Corpus, DataConfig, TokenWindows, load_corpus, resolve_tokenizer
+from orchestration.data.sources import (Corpus, DataConfig, TokenWindows, cached_bundle, count_windows,
+                                        encode_with_eos, load_corpus, remember_bundle, resolve_tokenizer,
+                                        source_fingerprint)
 from orchestration.errors import ConfigError, DataError
 from orchestration.storage import Location, build_bundle
-from orchestration.tokenizers import TOKENIZER_FILE, TextTokenizer, token_dtype
+from orchestration.data.tokenizers import TOKENIZER_FILE, token_dtype
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +139,15 @@ class TaskStream:
 
 # --- documents --------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=8)
 def _document_pool(source: str, text_column: str, max_documents: int) -> tuple[str, ...]:
-    """Every distinct non-blank document of all splits of ``source`` (cached: the built-in corpus parses the
-    standard library, which takes seconds)."""
+    """Every distinct non-blank document of all splits of ``source``."""
+    return _cached_pool(source, text_column, max_documents, json.dumps(source_fingerprint(source), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_pool(source: str, text_column: str, max_documents: int, identity: str) -> tuple[str, ...]:
+    """``_document_pool``, kept per process while the source's identity (``source_fingerprint``: file sizes and
+    modification times) stays the same: the built-in corpus parses the standard library, which takes seconds."""
     corpus = load_corpus(DataConfig(source=source, text_column=text_column, max_documents=max_documents))
     seen: dict[str, None] = {}
     for split in sorted(corpus.splits):
@@ -240,16 +251,8 @@ def make_permutations(cfg: StreamConfig, vocab_size: int, eos_id: int) -> tuple[
 
 # --- building the stream ----------------------------------------------------------------------------------------
 
-def _encode(tok: TextTokenizer, docs: list[str]) -> np.ndarray:
-    """The documents' tokens, each document followed by the end-of-document token (int64)."""
-    pieces = []
-    for ids in tok.encode_batch(docs):
-        pieces.append(np.asarray(ids, dtype=np.int64))
-        pieces.append(np.asarray([tok.eos_id], dtype=np.int64))
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-
-
 STREAM_FILE = "stream.json"
+STREAM_FORMAT = 2  # bump when the tasks' splitting or encoding changes, so keys of older caches miss
 
 
 def build_stream(cfg: StreamConfig, data: DataConfig) -> TaskStream:
@@ -257,14 +260,40 @@ def build_stream(cfg: StreamConfig, data: DataConfig) -> TaskStream:
 
     Raises DataError when a split of a task is too short for one window of ``data.seq_len + 1`` tokens.
     """
+    settings = json.dumps({"format": STREAM_FORMAT, "stream": dataclasses.asdict(cfg),
+                           "tokenizer": [data.tokenizer, data.vocab_size], "text_column": data.text_column,
+                           "max_documents": data.max_documents}, sort_keys=True)
+    key = _stream_key(cfg, data, settings)
+    local = None if data.rebuild else cached_bundle(data.cache_dir, key)
+    if local is None:
+        local = _build_stream(cfg, data, settings)
+        remember_bundle(data.cache_dir, key, local.name)
+    stream = load_stream(local, data.seq_len)
+    log.info("%s stream: %d tasks, vocab %d, shards in %s", cfg.benchmark, len(stream.tasks), stream.vocab_size,
+             local)
+    return stream
+
+
+def _stream_key(cfg: StreamConfig, data: DataConfig, settings: str) -> str | None:
+    """The stream's cache key from its settings and its sources' identities (file sizes and modification times,
+    hub revisions), without reading a document; None when a source has no such identity."""
+    sources = [data.source] if cfg.benchmark == "permuted" else list(cfg.domains)
+    fingerprints = [source_fingerprint(source) for source in sources]
+    if any(f is None for f in fingerprints):
+        return None
+    return hashlib.sha256((settings + json.dumps(fingerprints, sort_keys=True)).encode()).hexdigest()[:32]
+
+
+def _build_stream(cfg: StreamConfig, data: DataConfig, settings: str) -> Path:
+    """Read, split, tokenize and permute the tasks into a bundle of this node's cache named by their contents."""
     parts = task_documents(cfg, data)
-    digest = hashlib.sha256(json.dumps({"stream": dataclasses.asdict(cfg),
-                                        "tokenizer": [data.tokenizer, data.vocab_size]}, sort_keys=True).encode())
+    digest = hashlib.sha256(settings.encode())
     for domain, splits in parts:
         digest.update(domain.encode())
         for split in TASK_SPLITS:
             for doc in splits[split]:
                 digest.update(hashlib.sha1(doc.encode("utf-8")).digest())
+    name = f"continual-{digest.hexdigest()[:24]}"
 
     def build(folder: Path) -> None:
         train_docs = [doc for _, splits in parts for doc in splits["train"]]
@@ -277,7 +306,8 @@ def build_stream(cfg: StreamConfig, data: DataConfig) -> TaskStream:
         for t, (domain, splits) in enumerate(parts):
             n_tokens = {}
             for split in TASK_SPLITS:
-                tokens = _encode(tok, splits[split])
+                # int64: the ids index the permutation table
+                tokens = encode_with_eos(tok, splits[split], f"tokenizing task {t} {split}", dtype=np.int64)
                 if perms is not None:
                     tokens = perms[perm_of_task[t]][tokens]
                 np.save(folder / f"task{t:03d}_{split}.npy", tokens.astype(dtype))
@@ -290,11 +320,9 @@ def build_stream(cfg: StreamConfig, data: DataConfig) -> TaskStream:
         (folder / STREAM_FILE).write_text(json.dumps({"benchmark": cfg.benchmark, "vocab_size": tok.vocab_size,
                                                       "eos_id": tok.eos_id, "tasks": tasks}))
 
-    folder = build_bundle(data.cache_dir, f"continual-{digest.hexdigest()[:24]}", build)
-    stream = load_stream(folder, data.seq_len)
-    log.info("%s stream: %d tasks, vocab %d, shards in %s", cfg.benchmark, len(stream.tasks), stream.vocab_size,
-             folder)
-    return stream
+    if data.rebuild:
+        shutil.rmtree(Path(data.cache_dir).expanduser() / name, ignore_errors=True)
+    return build_bundle(data.cache_dir, name, build)
 
 
 def load_stream(folder: str | Path, seq_len: int) -> TaskStream:
@@ -305,7 +333,7 @@ def load_stream(folder: str | Path, seq_len: int) -> TaskStream:
     tasks = []
     for t in spec["tasks"]:
         for split, n_tokens in t["n_tokens"].items():
-            if n_tokens < seq_len + 1:
+            if count_windows(n_tokens, seq_len) < 1:
                 raise DataError(f"task {t['index']} ({t['domain']}) has only {n_tokens} {split} tokens, fewer than "
                                 f"one window of data.seq_len + 1 = {seq_len + 1}; use fewer tasks (--tasks), a "
                                 "shorter data.seq_len or a larger corpus")

@@ -36,13 +36,14 @@ import torch
 import torch.nn.functional as F
 
 from orchestration.allocator import keep_freed_memory
-from orchestration.checkpoint import (CHECKPOINT_PREFIX, TRAINER_STATE_FILE, TrainerState, checkpoint_name,
+from orchestration.training.checkpoint import (CHECKPOINT_PREFIX, TRAINER_STATE_FILE, TrainerState, checkpoint_name,
                                       config_differences, find_checkpoint, load_optimizer_state,
                                       load_training_checkpoint, save_training_checkpoint)
 from orchestration.config import ConfigError, to_yaml
-from orchestration.data import DataConfig, PreparedData, TokenWindows, WindowOrder, check_source, prepare_data
+from orchestration.data.sources import (DataConfig, PreparedData, TokenWindows, WindowOrder, check_source, count_windows,
+                                        prepare_data)
 from orchestration.errors import CheckpointError, DataError, MemtrainError, check_drill
-from orchestration.flops import measure_matmul_peak
+from orchestration.training.flops import measure_matmul_peak
 from orchestration.storage import (CHECKPOINTS, METRICS_FILE, Location, MetricsLog, TensorBoardLog, latest_checkpoint,
                                    newest_intact_checkpoint, ray_storage, read_metrics, require_shared)
 
@@ -141,6 +142,19 @@ class PretrainConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         check_drill("fail_at_step", self.fail_at_step)
+        check_model_overrides(self.model, self.model_overrides)
+
+
+def check_model_overrides(model: str, overrides: dict) -> None:
+    """The preset exists and its config class accepts ``overrides`` (known fields, values of their types, its own
+    checks), so a bad model_overrides key is refused when the config is loaded, before data or Ray."""
+    from models.common.errors import ModelError
+    from models.registry import check_overrides
+
+    try:
+        check_overrides(model, overrides)
+    except ModelError as exc:
+        raise ConfigError(f"model_overrides: {exc}") from None
 
 
 # --- the worker loop --------------------------------------------------------------------------------------------
@@ -257,10 +271,9 @@ def train_worker(loop_config: dict) -> None:
 
     from models.registry import build_model
 
-    from ray.train.v2._internal.execution import context as train_context
+    from orchestration.ray_private import quiet_train_report_logs
 
-    # Ray Train logs every report at INFO under a logger named by its file path, which LoggingConfig does not reach
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    quiet_train_report_logs()
     cfg: PretrainConfig = loop_config["cfg"]
     data: PreparedData = loop_config["data"]
     ctx = ray.train.get_context()
@@ -446,7 +459,7 @@ def resolve_init_checkpoint(cfg: PretrainConfig, data: PreparedData) -> tuple[st
     model and tokenizer."""
     from models.io import CONFIG_FILE
     from models.registry import model_config
-    from orchestration.tokenizers import TOKENIZER_FILE
+    from orchestration.data.tokenizers import TOKENIZER_FILE
 
     try:
         ckpt = find_checkpoint(cfg.init_checkpoint)
@@ -515,19 +528,19 @@ def make_trainer(cfg: PretrainConfig, data: PreparedData, run: Location, callbac
 def check_enough_windows(cfg: PretrainConfig, data: PreparedData) -> None:
     """Refuse a corpus too small for one optimizer step or one held-out window, before any worker starts."""
     needed = cfg.workers * cfg.grad_accum * cfg.batch_size
-    n_train = (data.n_tokens["train"] - 1) // cfg.data.seq_len
+    n_train = count_windows(data.n_tokens["train"], cfg.data.seq_len)
     if n_train < needed:
         raise DataError(f"the training split has {n_train} windows of {cfg.data.seq_len} tokens but one step needs "
                         f"{needed} (workers x grad_accum x batch_size); use more text, a shorter data.seq_len or a "
                         "smaller batch")
-    if (data.n_tokens["validation"] - 1) // cfg.data.seq_len < 1:
+    if count_windows(data.n_tokens["validation"], cfg.data.seq_len) < 1:
         raise DataError(f"the validation split has fewer than {cfg.data.seq_len + 1} tokens; lower data.seq_len or "
                         "raise data.val_fraction")
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run (or resume) a pretraining job on the current Ray cluster; returns the summary also written to summary.json."""
-    from orchestration.ray_utils import ensure_ray
+    from orchestration.runtime import ensure_ray
 
     from models.registry import model_config
 

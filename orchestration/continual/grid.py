@@ -1,6 +1,7 @@
 """A grid of continual-learning runs (variants x controllers x benchmarks x seeds) as parallel Ray tasks.
 
-Each run writes its own folder ``<output>/<benchmark>/<variant>/<controller>/seed<S>/``; a run whose
+Each run writes its own folder ``<output>/<benchmark>/<variant>/<controller>/seed<S>/`` (a learned policy's
+``<controller>`` is ``learned-<its run folder's name>``); a run whose
 ``summary.json`` says finished is skipped, and an interrupted one resumes from its newest checkpoint, so
 re-running the same grid only does what is missing. The grid ends with one table: ``results.csv`` (a row per
 run) and ``results.md`` (the same rows, then mean and standard deviation over seeds per group).
@@ -33,8 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from orchestration.config import load_config
-from orchestration.continual import ContinualConfig, finished_summary, run_continual
-from orchestration.continual_tasks import build_stream, load_stream
+from orchestration.continual.control import FIXED_PRESETS, ControllerResolver, resolve_controller
+from orchestration.continual.runner import ContinualConfig, finished_summary, run_continual
+from orchestration.continual.tasks import build_stream, load_stream
 from orchestration.errors import ConfigError
 from orchestration.report import markdown_table
 from orchestration.storage import BundleRef, Location, fetch_bundle, publish_bundle, require_shared
@@ -54,7 +56,8 @@ class GridConfig:
     variants: dict[str, list[str]] = field(default_factory=dict)
     """Named lists of key=value overrides of base, e.g. dense: [model=tgsmn-dense-tiny] (empty: one variant 'base')."""
     controllers: list[str] = field(default_factory=list)
-    """Controllers crossed with the variants (empty: each variant's own controller setting)."""
+    """Controllers crossed with the variants (empty: each variant's own controller setting): fixed settings or
+    paths of learned policies (the command line resolves these; from Python pass ``learned`` to run_grid)."""
     benchmarks: list[str] = field(default_factory=list)
     """Benchmarks crossed with the rest (empty: base.stream.benchmark)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -80,8 +83,23 @@ class GridRun:
     benchmark: str
     variant: str
     controller: str
+    """The controller's name in folders and tables (``controller_label`` of the spec in ``cfg.controller``)."""
     seed: int
     cfg: ContinualConfig
+
+
+def controller_label(spec: str) -> str:
+    """A controller spec as one folder name: fixed settings as they are, a policy path as ``learned-<run name>``.
+
+    >>> controller_label("fixed-k1"), controller_label("s3://bucket/runs/rl-thermo/policy/")
+    ('fixed-k1', 'learned-rl-thermo')
+    """
+    if spec == "fixed" or spec in FIXED_PRESETS:
+        return spec
+    parts = [part for part in spec.rstrip("/").split("/") if part]
+    if len(parts) > 1 and parts[-1] == "policy":
+        parts.pop()
+    return f"learned-{parts[-1]}"
 
 
 def expand(grid: GridConfig) -> list[GridRun]:
@@ -93,32 +111,40 @@ def expand(grid: GridConfig) -> list[GridRun]:
         for variant, overrides in variants.items():
             own = load_config(ContinualConfig, overrides=list(overrides), **base)
             for controller in grid.controllers or [own.controller]:
+                label = controller_label(controller)
                 for seed in grid.seeds:
-                    out = Location(grid.output) / benchmark / variant / controller / f"seed{seed}"
+                    out = Location(grid.output) / benchmark / variant / label / f"seed{seed}"
                     cfg = dataclasses.replace(own, stream=dataclasses.replace(own.stream, benchmark=benchmark),
                                               controller=controller, seed=seed, output=out.uri,
                                               threads=grid.threads_per_run)
-                    runs.append(GridRun(benchmark, variant, controller, seed, cfg))
+                    runs.append(GridRun(benchmark, variant, label, seed, cfg))
     return runs
 
 
-def _run_remote(cfg: ContinualConfig, stream: BundleRef) -> dict:
+def _run_remote(cfg: ContinualConfig, stream: BundleRef, learned: ControllerResolver | None) -> dict:
     """Body of one Ray task, on any node: this node's copy of the published stream, then run (or resume)."""
     logging.basicConfig(level=logging.WARNING)
-    return run_continual(cfg, stream=load_stream(fetch_bundle(stream, cfg.data.cache_dir), cfg.data.seq_len))
+    return run_continual(cfg, stream=load_stream(fetch_bundle(stream, cfg.data.cache_dir), cfg.data.seq_len),
+                         learned=learned)
 
 
 def _stream_key(cfg: ContinualConfig) -> str:
     return json.dumps([dataclasses.asdict(cfg.stream), dataclasses.asdict(cfg.data)], sort_keys=True)
 
 
-def run_grid(grid: GridConfig) -> list[dict]:
-    """Run every missing cell of the grid as a Ray task, then write results.csv and results.md; returns the rows."""
+def run_grid(grid: GridConfig, learned: ControllerResolver | None = None) -> list[dict]:
+    """Run every missing cell of the grid as a Ray task, then write results.csv and results.md; returns the rows.
+
+    ``learned`` resolves the controllers that are not fixed settings (policy paths), in the driver (a bad one fails
+    before anything runs) and again in each task.
+    """
     import ray
 
-    from orchestration.ray_utils import ensure_ray
+    from orchestration.runtime import ensure_ray
 
     runs = expand(grid)
+    for spec in dict.fromkeys(run.cfg.controller for run in runs):
+        resolve_controller(spec, grid.base.fixed_knobs, learned)
     out = Location(grid.output)
     summaries: dict[int, dict] = {}
     todo = []
@@ -140,7 +166,7 @@ def run_grid(grid: GridConfig) -> list[dict]:
                 local = Path(build_stream(runs[i].cfg.stream, runs[i].cfg.data).folder)
                 streams[key] = publish_bundle(local, out / "data" / local.name)
         task = ray.remote(_run_remote).options(num_cpus=grid.cpus_per_run, max_retries=0)
-        pending = {task.remote(runs[i].cfg, streams[_stream_key(runs[i].cfg)]): i for i in todo}
+        pending = {task.remote(runs[i].cfg, streams[_stream_key(runs[i].cfg)], learned): i for i in todo}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ready[0])

@@ -1,12 +1,12 @@
-"""``memtrain rl train|eval``: train a controller with PPO, and compare it with fixed baselines."""
+"""``memtrain rl train|tune|eval``: train a controller with PPO, sweep its settings, and compare it with fixed
+baselines. Every command checks its env_config against the env's config class before Ray starts."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
-import yaml
-
-from orchestration.ray_utils import add_address_arg
+from orchestration.cli.common import add_address_arg
 from rl.errors import RLError
 
 
@@ -45,24 +45,28 @@ def _cmd_eval(args) -> int:
     if args.seeds < 1 or args.episodes < 1:
         raise RLError(f"--seeds and --episodes must be >= 1 (a mean and its interval need episodes), got "
                       f"{args.seeds} and {args.episodes}")
-    from orchestration.ray_utils import ensure_ray
+    from orchestration.config import load_config
+    from orchestration.runtime import ensure_ray
     from orchestration.storage import Location
     from rl.evaluate import evaluate, write_report
     from rl.policy import POLICY_SPEC, LearnedPolicy
+    from rl.train import RLTrainConfig
 
+    others = [item for item in args.overrides if not item.startswith("env_config.")]
+    if others:
+        raise RLError(f"rl eval takes env_config.key=value overrides only (the env's settings), got {others}")
     policy_dir = Location(args.policy)
     if (policy_dir / "policy" / POLICY_SPEC).is_file():  # a run folder
         policy_dir = policy_dir / "policy"
-    learned = LearnedPolicy.load(policy_dir)
-    if learned.env_name != args.env:
-        raise RLError(f"the policy in {policy_dir} was trained on env {learned.env_name!r}, not {args.env!r}")
     run_config = policy_dir.parent / "config.yaml"
     env_config = (run_config.read_yaml() or {}).get("env_config", {}) if run_config.is_file() else {}
     if env_config.get("entities") == "train":  # a meta policy trained on the train entities meets the held-out ones
         env_config["entities"] = "heldout"
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        env_config[key.removeprefix("env_config.")] = yaml.safe_load(value)
+    # the run's env_config with the overrides, checked against the env's config class
+    env_config = load_config(RLTrainConfig, overrides=args.overrides, env=args.env, env_config=env_config).env_config
+    learned = LearnedPolicy.load(policy_dir)
+    if learned.env_name != args.env:
+        raise RLError(f"the policy in {policy_dir} was trained on env {learned.env_name!r}, not {args.env!r}")
     policies = {"learned": learned}
     baselines = baseline_policies(args.env, env_config)
     wanted = list(baselines) if args.baselines == "all" else args.baselines.split(",")
@@ -83,26 +87,26 @@ def _cmd_eval(args) -> int:
 
 def _cmd_tune(args) -> int:
     from orchestration.config import load_config
+    from rl.train import RLTrainConfig
     from rl.tune import PPOTuneConfig, tune_ppo
 
-    flags: dict = {"base": {"env": args.env}}
+    # the base run: a `memtrain rl train` config file (--base; it takes the place of a base: section in the --config
+    # file), under the base.key=value overrides
+    base = dataclasses.asdict(load_config(RLTrainConfig, args.base, env=args.env)) if args.base else {"env": args.env}
+    flags: dict = {"base": base}
     if args.iterations is not None:
         flags["iterations"] = args.iterations
     if args.output is not None:
         flags["output"] = args.output
-    rows = tune_ppo(load_config(PPOTuneConfig, args.config, args.overrides, **flags))
-    print(f"[memtrain rl] best of {len(rows)} trials: lr {rows[0]['lr']}, entropy_coeff {rows[0]['entropy_coeff']}, "
-          f"train_batch_size {rows[0]['train_batch_size']}: return {rows[0]['return_mean']}")
+    cfg = load_config(PPOTuneConfig, args.config, args.overrides, **flags)
+    rows = tune_ppo(cfg)
+    best = ", ".join(f"{key} {rows[0][key]}" for key in cfg.search)
+    print(f"[memtrain rl] best of {len(rows)} trials: {best}: return {rows[0]['return_mean']}; "
+          f"{cfg.output}/results.md, {cfg.output}/best.yaml")
     return 0
 
 
 def register(subparsers) -> None:
-    from orchestration.continual_control import CONTROLLER_RESOLVERS
-    from rl.envs.thermo import learned_controller_resolver
-
-    # `memtrain continual --controller runs/rl-thermo` plays a learned thermo policy
-    if learned_controller_resolver not in CONTROLLER_RESOLVERS:
-        CONTROLLER_RESOLVERS.append(learned_controller_resolver)
     rl = subparsers.add_parser("rl", help="RLlib PPO controllers: train, evaluate against fixed baselines")
     sub = rl.add_subparsers(dest="rl_command", required=True, metavar="COMMAND")
     train = sub.add_parser("train", help="train a controller with PPO (resumes from --output)")
@@ -115,16 +119,19 @@ def register(subparsers) -> None:
                             "when loaded; only for run folders you wrote")
     train.add_argument("--config", help="YAML config (see configs/rl/)")
     add_address_arg(train)
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. ppo.lr=1e-4 env_config.tasks=3")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="e.g. ppo.lr=1e-4 env_config.continual.stream.n_tasks=3")
     train.set_defaults(func=_cmd_train)
-    tn = sub.add_parser("tune", help="sweep PPO hyperparameters (lr, entropy, batch) with Ray Tune")
+    tn = sub.add_parser("tune", help="sweep PPO settings with Ray Tune (the search: syntax of memtrain sweep)")
     tn.add_argument("env", help="meta, thermo, or a gymnasium id")
     tn.add_argument("--iterations", type=int, help="PPO iterations per trial")
     tn.add_argument("--output")
-    tn.add_argument("--config", help="YAML config (fields of rl.tune.PPOTuneConfig)")
+    tn.add_argument("--base", help="the run every trial starts from: a `memtrain rl train` config (configs/rl/)")
+    tn.add_argument("--config", help="YAML config (fields of rl.tune.PPOTuneConfig: search, num_samples, ...)")
     add_address_arg(tn)
     tn.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="e.g. lr=[1e-4,1e-3] entropy_coeff=[0,0.01] base.env_config.reward=tiur")
+                    help="e.g. search.ppo.lr.grid=[1e-4,1e-3] search.ppo.entropy_coeff.grid=[0.0,0.01] "
+                         "base.env_config.reward=tiur")
     tn.set_defaults(func=_cmd_tune)
     ev = sub.add_parser("eval", help="a learned policy against fixed baselines on held-out seeds (thermo: held-out "
                                      "task streams; meta: held-out entities when trained on entities=train), 95%% "

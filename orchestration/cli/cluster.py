@@ -2,7 +2,7 @@
 
 ``ray up`` has no dry run and needs cloud credentials, so a typo in a cluster YAML usually shows up only after
 minutes of provisioning. This module runs Ray's own preparation and JSON-schema validation offline (the same
-``prepare_config`` + ``validate_config`` that ``ray up`` calls; see ray-notes §6) and then memtrain's rules:
+``prepare_config`` + ``validate_config`` that ``ray up`` calls) and then memtrain's rules:
 
 - the head runs no training: ``resources: {CPU: 0}`` on the head node type (cloud providers), or
   ``ray start --head --num-cpus=0`` (the on-prem provider, which allows no node types);
@@ -18,18 +18,19 @@ Example::
 
     memtrain cluster validate cluster/aws.yaml cluster/gcp.yaml cluster/onprem.yaml
 
-or from Python::
+or from Python (offline, from the repository's root)::
 
-    >>> summary = validate_cluster_yaml("cluster/aws.yaml")    # doctest: +SKIP
-    >>> summary["gpu_worker_types"]                             # doctest: +SKIP
+    >>> summary = validate_cluster_yaml("cluster/aws.yaml")
+    >>> summary["gpu_worker_types"]
     ['gpu_1x_a10g', 'gpu_4x_a10g']
 """
 
 from __future__ import annotations
 
-import logging
+import argparse
 import os
 import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -53,13 +54,11 @@ def _where_open(node, path: str = "") -> list[str]:
 def _ray_prepare(raw: dict, path: Path) -> dict:
     """Ray's own preparation (provider defaults merged in) and schema validation, errors made one line."""
     import jsonschema
-    from ray.autoscaler._private.util import prepare_config, validate_config
 
-    # prepare_config logs "setting max workers for head node type to 0" for every file: not news
-    logging.getLogger("ray.autoscaler._private.util").setLevel(logging.WARNING)
+    from orchestration.ray_private import autoscaler_prepare_and_validate
+
     try:
-        full = prepare_config(raw)
-        validate_config(full)
+        full = autoscaler_prepare_and_validate(raw)
     except jsonschema.ValidationError as exc:
         where = ".".join(str(p) for p in exc.absolute_path) or "top level"
         raise ConfigError(f"{path}: Ray's cluster schema refuses it at {where}: {exc.message}; fix that field "
@@ -156,20 +155,39 @@ def _cmd_validate(args) -> None:
             s = validate_cluster_yaml(path)
         except ConfigError as exc:
             failures += 1
-            print(f"FAIL {exc}")
+            print(f"FAIL {exc}", file=sys.stderr)
             continue
         gpus = ", ".join(s["gpu_worker_types"]) or "detected on each worker"
         print(f"ok   {path}: {s['provider']} cluster {s['cluster_name']!r}, CPU-0 head {s['head_node_type']!r}, "
               f"GPU workers: {gpus}, max_workers {s['max_workers']}")
     if failures:
-        raise ConfigError(f"{failures} of {len(args.files)} cluster file(s) failed validation (see above)")
+        raise ConfigError(f"{failures} of {len(args.files)} cluster file(s) failed validation (the FAIL lines above)")
+
+
+VALIDATE_HELP = """\
+Check cluster-launcher YAMLs (the files `ray up` takes) offline, without cloud credentials, so a typo shows up now
+rather than after minutes of provisioning. Each file goes through Ray's own preparation and schema check (what
+`ray up` does first) and then memtrain's rules:
+
+  - the head node runs no training (resources: {CPU: 0}, or --num-cpus=0 on an on-prem head);
+  - a cloud cluster has a GPU worker type with max_workers > 0;
+  - nothing listens on 0.0.0.0 (the dashboard binds 127.0.0.1; reach it with `ray dashboard FILE.yaml`);
+  - every node type names its network: SecurityGroupIds on AWS, networkInterfaces on GCP;
+  - every `ray start` sets RAY_AUTH_MODE=token.
+
+Prints one "ok" line per good file on stdout and one "FAIL" line per bad one, with the fix, on stderr; exits 1
+when any file fails. Example:
+
+    memtrain cluster validate cluster/aws.yaml cluster/gcp.yaml cluster/onprem.yaml"""
 
 
 def register(subparsers) -> None:
     """Add ``memtrain cluster validate FILE...`` to the CLI's sub-commands."""
-    p = subparsers.add_parser("cluster", help="cluster-launcher YAMLs (validate offline against Ray's schema)")
+    p = subparsers.add_parser("cluster", help="cluster-launcher YAMLs (validate offline against Ray's schema)",
+                              description="Ray cluster-launcher YAMLs (cluster/ holds aws.yaml, gcp.yaml, onprem.yaml; "
+                                          "cluster/README.md shows how to start one).")
     sub = p.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
     v = sub.add_parser("validate", help="check cluster YAMLs offline: Ray's schema plus memtrain's rules",
-                       description=__doc__.split("\n\n")[1])
-    v.add_argument("files", nargs="+", metavar="FILE.yaml")
+                       description=VALIDATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("files", nargs="+", metavar="FILE.yaml", help="cluster-launcher YAML")
     v.set_defaults(func=_cmd_validate)

@@ -32,7 +32,7 @@ from models.common.errors import ModelError
 from models.io import CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
 from orchestration.errors import CheckpointError, StorageError
 from orchestration.storage import MANIFEST, Location, local_copy, newest_intact_checkpoint, write_manifest
-from orchestration.tokenizers import TOKENIZER_FILE, load_tokenizer
+from orchestration.data.tokenizers import TOKENIZER_FILE, load_tokenizer
 
 TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -113,17 +113,41 @@ def load_optimizer_state(directory: str | os.PathLike, optimizer: torch.optim.Op
                               "or from another model") from None
 
 
+# A run folder without checkpoints of its own (a pipeline) names the sub-folder that holds its model in its
+# summary.json under this key, relative to the run folder.
+MODEL_RUN_KEY = "model_run"
+
+
 def find_checkpoint(where: str | os.PathLike | Location) -> Location:
-    """A checkpoint folder from a checkpoint path or a run folder (its newest intact checkpoint: a damaged newer one
-    is skipped with a warning); local, on a shared mount or a URI."""
+    """The checkpoint that ``where`` stands for, local, on a shared mount or a URI.
+
+    ``where`` may be a checkpoint folder; a run folder of ``memtrain pretrain`` or ``memtrain continual`` (its newest
+    intact checkpoint: a damaged newer one is skipped with a warning); or a run made of runs, such as a pipeline
+    (the run its summary.json names under ``model_run``, else the only sub-folder holding a model). An RL run
+    holds a policy, not a language model: it is refused with a pointer to the commands that play it.
+    """
     location = Location(where)
     if (location / MANIFEST).is_file() or (location / WEIGHTS_FILE).is_file():
         return location
     latest = newest_intact_checkpoint(location, CHECKPOINT_PREFIX)
-    if latest is None:
-        raise CheckpointError(f"no checkpoint found in {location.uri!r}: pass a run folder written by memtrain "
-                              "pretrain or continual (it holds checkpoints/step_*) or a checkpoint folder")
-    return latest.location
+    if latest is not None:
+        return latest.location
+    if (location / "policy").is_dir():
+        raise CheckpointError(f"{location.uri} is an RL run: it holds a controller policy, not a language model; "
+                              "play it with `memtrain rl eval` or `memtrain continual --controller`")
+    summary = location / "summary.json"
+    named = (summary.read_json() or {}).get(MODEL_RUN_KEY) if summary.is_file() else None
+    if named:
+        return find_checkpoint(location / named)
+    children = [location / name for name in location.listdir()] if location.is_dir() else []
+    holders = [child for child in children if newest_intact_checkpoint(child, CHECKPOINT_PREFIX) is not None]
+    if len(holders) == 1:
+        return find_checkpoint(holders[0])
+    if holders:
+        raise CheckpointError(f"{location.uri} holds several models ({', '.join(h.name for h in holders)}); pass "
+                              "the one you mean, e.g. " + holders[0].uri)
+    raise CheckpointError(f"no checkpoint found in {location.uri!r}: pass a run folder written by memtrain "
+                          "pretrain, continual or pipeline, or a checkpoint folder (checkpoints/step_*)")
 
 
 def load_lm(where: str | os.PathLike | Location, device: str = "cpu") -> tuple[nn.Module, object, Location]:

@@ -1,12 +1,13 @@
 """What a continual learner keeps from past tasks: a reservoir replay buffer and an EWC anchor.
 
 - ``ReplayBuffer`` holds token windows (seq_len + 1 tokens). Reservoir sampling keeps every window seen so far
-  with the same probability capacity / seen, so old tasks stay represented as the stream grows (the source
-  overwrote random slots, which favours recent data, and swapped whole batches: spec §4). ``mix`` builds a
+  with the same probability capacity / seen, so old tasks stay represented as the stream grows (the original
+  TG-SMN code overwrote random slots, which favours recent data, and swapped whole batches). ``mix`` builds a
   batch whose rows are a ``replay_ratio`` share of buffer rows and the rest new data.
 - ``EWC`` is online elastic weight consolidation (Schwarz et al. 2018): at the end of each task a diagonal
   empirical Fisher is estimated from per-sequence gradients and added to the running one, and the anchor moves to
-  the current weights; the penalty is lambda / 2 * sum F (theta - anchor)^2. The source had no Fisher term.
+  the current weights; the penalty is lambda / 2 * sum F (theta - anchor)^2. The original TG-SMN code had no
+  Fisher term.
 
 Example::
 

@@ -26,7 +26,7 @@ from orchestration.errors import ConfigError
 
 @dataclass
 class Knobs:
-    """What a controller sets for the next interval (the source's fixed default: 2 / 0.10 / 0.30 / 1.0)."""
+    """What a controller sets for the next interval (defaults: the original TG-SMN code's 2 / 0.10 / 0.30 / 1.0)."""
     k: int = 2
     """Experts per token of the sparse model (1..max_k); ignored by dense models."""
     replay_ratio: float = 0.1
@@ -63,13 +63,13 @@ class Signals:
     """Mean per-step decrease of the EMA loss over the interval (the TIUR "Delta t"; negative when it rises)."""
     loss_std: float = 0.0
     """Loss fluctuation: std of the per-sequence losses across the new-data rows of a batch, from the loss
-    already computed (the source ran 3 extra noisy forwards per step for this; spec §5 S1)."""
+    already computed (the original TG-SMN code ran 3 extra noisy forwards of the batch per step for this)."""
     stat_distance: float = 0.0
     """Statistical distance of one update: sqrt(2 KL(p_before || p_after)) of the next-token distributions on
     probe rows, measured across the last step of the interval (deterministic forwards, noise off)."""
     tiur_efficiency: float = 0.0
     """max(ema_improvement, 0) / (loss_std * stat_distance + 1e-8): loss decrease per unit of fluctuation and
-    distance travelled (the source's eta)."""
+    distance travelled (the eta of the original TG-SMN code)."""
     grad_norm: float = 0.0
     """Mean global gradient norm before clipping."""
     routing_entropy: float = 0.0
@@ -130,27 +130,30 @@ class FixedController:
         self.calls = int(state["calls"])
 
 
-# named fixed settings; "fixed" itself takes the config's fixed_knobs (the source's default unless overridden)
+# named fixed settings; "fixed" itself takes the config's fixed_knobs (unless overridden, the original TG-SMN
+# code's default, which "fixed-source" also names)
 FIXED_PRESETS: dict[str, Knobs] = {
-    "fixed-source": Knobs(2, 0.10, 0.30, 1.0),
-    "fixed-noreplay": Knobs(2, 0.0, 0.30, 1.0),
-    "fixed-replay30": Knobs(2, 0.30, 0.30, 1.0),
-    "fixed-k1": Knobs(1, 0.10, 0.30, 1.0),
-    "fixed-quiet": Knobs(2, 0.10, 0.0, 1.0),
+    "fixed-source": Knobs(),
+    "fixed-noreplay": dataclasses.replace(Knobs(), replay_ratio=0.0),
+    "fixed-replay30": dataclasses.replace(Knobs(), replay_ratio=0.30),
+    "fixed-k1": dataclasses.replace(Knobs(), k=1),
+    "fixed-quiet": dataclasses.replace(Knobs(), router_noise=0.0),
 }
 
-# resolvers tried in order before the fixed names; the RL code appends one that loads a learned policy from a path
+# Maps a controller spec this package does not know (the path of a learned policy) to a controller, or None.
+# The caller passes it in: this package cannot import the RL code that loads policies (``rl`` builds on it), and
+# a module-level function pickles by reference, so it reaches Ray tasks too.
 ControllerResolver = Callable[[str], "Controller | None"]
-CONTROLLER_RESOLVERS: list[ControllerResolver] = []
 
 
-def resolve_controller(spec: str, fixed_knobs: Knobs | None = None) -> Controller:
-    """The controller named by ``spec``: a resolver's answer, ``fixed`` (``fixed_knobs``), or a fixed preset.
+def resolve_controller(spec: str, fixed_knobs: Knobs | None = None,
+                       learned: ControllerResolver | None = None) -> Controller:
+    """The controller named by ``spec``: ``fixed`` (``fixed_knobs``), a fixed preset, or ``learned(spec)``.
 
     Raises ConfigError for anything else, listing the names it accepts.
     """
-    for resolver in CONTROLLER_RESOLVERS:
-        controller = resolver(spec)
+    if learned is not None and spec != "fixed" and spec not in FIXED_PRESETS:
+        controller = learned(spec)
         if controller is not None:
             return controller
     if spec == "fixed":
@@ -158,4 +161,5 @@ def resolve_controller(spec: str, fixed_knobs: Knobs | None = None) -> Controlle
     if spec in FIXED_PRESETS:
         return FixedController(FIXED_PRESETS[spec])
     raise ConfigError(f"unknown controller {spec!r}; use fixed (its knobs from fixed_knobs.*), one of "
-                      f"{', '.join(FIXED_PRESETS)}, or the path of a learned policy (memtrain rl train thermo)")
+                      f"{', '.join(FIXED_PRESETS)}, or the path of a learned policy (from `memtrain rl train thermo`; from "
+                      "Python, pass learned=rl.envs.thermo.learned_controller_resolver)")

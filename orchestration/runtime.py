@@ -30,7 +30,8 @@ def ensure_ray(namespace: str = "memtrain") -> None:
     job; ``auto`` = the cluster ``ray start`` runs on this machine), else start a local cluster of this machine.
 
     A local cluster gets twice the machine's cores as logical CPUs: Train workers, Tune drivers and the memory
-    actor then never starve each other on a small machine (see ray-notes §1, the Ray Data/Train deadlock). It is
+    actor then never starve each other on a small machine (with one logical CPU per core, 2 Train workers take
+    both CPUs of a 2-core machine and Ray Data's read tasks wait for a free CPU forever, with no error). It is
     started with ``address="local"``, so a cluster that ``ray start`` left on the machine (even a dead one) is
     neither joined by accident nor in the way.
     """
@@ -55,10 +56,3 @@ def ensure_ray(namespace: str = "memtrain") -> None:
     ray.init(address="local", namespace=namespace, num_cpus=cpus, log_to_driver=True, **local_dashboard_args())
     log.info("started a local Ray cluster with %d logical CPUs (set RAY_ADDRESS or --address to use a running "
              "cluster)", cpus)
-
-
-def add_address_arg(parser) -> None:
-    """``--address``: the Ray cluster a command joins (memtrain's main() puts it into RAY_ADDRESS)."""
-    parser.add_argument("--address", help="Ray cluster to join: HOST:PORT of its head (GCS), or auto for the one "
-                                          "`ray start` runs on this machine; default RAY_ADDRESS, else a new local "
-                                          "cluster")

@@ -19,7 +19,9 @@ def _cmd_report(args) -> None:
 def register(subparsers) -> None:
     """Add ``memtrain report RUN_DIR...`` to the CLI's sub-commands."""
     p = subparsers.add_parser("report", help="regenerate report.md and plots from run or sweep directories",
-                              description=__doc__.split("\n\n")[0])
+                              description="Regenerate report.md (markdown tables) and plots/ of a pretraining run or a "
+                                          "sweep from its metrics, e.g. memtrain report runs/tgsmn-dense-tiny "
+                                          "(a sweep's report ranks its trials and plots one curve per trial).")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="the --output of `memtrain pretrain` or `memtrain sweep`")
     p.set_defaults(func=_cmd_report)

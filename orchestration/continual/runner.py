@@ -1,11 +1,11 @@
 """The continual-learning runner: a task stream, a model, replay, EWC and a controller of the routing knobs.
 
-``memtrain continual`` trains a registry model on a stream of tasks (``orchestration.continual_tasks``), with a
-reservoir replay buffer and optional EWC (``orchestration.continual_memory``). Every ``control_interval`` steps
-a controller (``orchestration.continual_control``) sees the training signals of the interval and returns the
+``memtrain continual`` trains a registry model on a stream of tasks (``orchestration.continual.tasks``), with a
+reservoir replay buffer and optional EWC (``orchestration.continual.replay``). Every ``control_interval`` steps
+a controller (``orchestration.continual.control``) sees the training signals of the interval and returns the
 knobs for the next one: k, replay ratio, router noise and router temperature. After each task every task (future
 ones included) is evaluated on its test split, which fills the evaluation matrix the metrics come from
-(``orchestration.continual_metrics``).
+(``orchestration.continual.metrics``).
 
 Command line::
 
@@ -32,7 +32,6 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -49,31 +48,34 @@ import torch
 import torch.nn.functional as F
 
 from orchestration.allocator import keep_freed_memory
-from orchestration.checkpoint import CHECKPOINT_PREFIX, checkpoint_name, config_differences
-from orchestration.config import load_config, to_yaml
-from orchestration.continual_control import Controller, Knobs, Signals, resolve_controller
-from orchestration.continual_memory import EWC, ReplayBuffer, mix
-from orchestration.continual_metrics import cl_metrics, finite_or_none, matrix_csv, plot_knobs, plot_matrix
-from orchestration.continual_tasks import StreamConfig, TaskStream, build_stream
-from orchestration.data import DataConfig, WindowOrder
+from orchestration.training.checkpoint import CHECKPOINT_PREFIX, checkpoint_name, config_differences
+from orchestration.config import to_yaml
+from orchestration.continual.control import Controller, ControllerResolver, Knobs, Signals, resolve_controller
+from orchestration.continual.replay import EWC, ReplayBuffer, mix
+from orchestration.continual.metrics import cl_metrics, finite_or_none, matrix_csv, plot_knobs, plot_matrix
+from orchestration.continual.tasks import StreamConfig, TaskStream, build_stream
+from orchestration.data.sources import DataConfig, WindowOrder
 from orchestration.errors import CheckpointError, ConfigError, StorageError, check_drill
-from orchestration.pretrain import param_groups
-from orchestration.ray_utils import add_address_arg
+from orchestration.progress import progress
+from orchestration.training.pretrain import check_model_overrides, param_groups
 from orchestration.storage import (CHECKPOINTS, METRICS_FILE, Location, MetricsLog, TensorBoardLog, copy_folder,
                                    latest_checkpoint, local_copy, newest_intact_checkpoint, prune_checkpoints)
-from orchestration.tokenizers import TOKENIZER_FILE
+from orchestration.data.tokenizers import TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"  # optimizer, replay buffer, EWC and controller state (tensors; weights_only loading)
 RUNNER_FILE = "runner.json"  # counters, EMA, RNG state, evaluation matrix; written last, marks a complete checkpoint
 # settings that may change when a run is resumed; every other field must match the run being continued
+# Routing signals, from the model's stats: every routed family reports <family>/<stat> with these shared stat
+# names (moe/router_entropy for HMST's MoE layers, tgsmn/router_entropy for TG-SMN's sparse layers, ...)
+ROUTING_STATS = {"routing_entropy": "router_entropy", "expert_utilization": "experts_used_frac"}
 RESUMABLE_CHANGES = ("output", "threads", "interrupt_at_step", "checkpoint_every", "keep_checkpoints")
 
 
 @dataclass
 class ContinualDataConfig(DataConfig):
-    """The corpus settings of a continual run (DataConfig with smaller defaults; see orchestration.data)."""
+    """The corpus settings of a continual run (DataConfig with smaller defaults; see orchestration.data.sources)."""
     source: str = "wikitext2"
     """permuted benchmark: the corpus (builtin, wikitext2, ptb, agnews or a local file/folder); multidomain uses
     stream.domains instead."""
@@ -96,7 +98,8 @@ class ContinualConfig:
     controller: str = "fixed"
     """fixed (knobs from fixed_knobs), a fixed preset (fixed-noreplay, fixed-replay30, ...) or a learned policy."""
     fixed_knobs: Knobs = field(default_factory=Knobs)
-    """Knobs of the fixed controller (default: the source's k 2, replay 0.10, noise 0.30, temperature 1.0)."""
+    """Knobs of the fixed controller (default: the original TG-SMN code's k 2, replay 0.10, noise 0.30,
+    temperature 1.0)."""
     output: str = "runs/continual"
     """Run folder: a local path, a folder every node mounts, or a URI (re-running into it resumes from its newest
     checkpoint)."""
@@ -161,6 +164,7 @@ class ContinualConfig:
                               f"{self.ema_decay}, {self.lr})")
         if self.batch_size < 2:
             raise ConfigError("batch_size must be >= 2 (the loss fluctuation is a std across rows)")
+        check_model_overrides(self.model, self.model_overrides)
 
 
 @dataclass
@@ -335,9 +339,10 @@ class ContinualRunner:
         result["loss"] = row_loss_B[:n_new].mean()
         result["loss_std"] = row_loss_B[:n_new].std() if n_new > 1 else torch.zeros(())
         result["replay_loss"] = row_loss_B[n_new:].mean() if n_replay else None
-        for key in ("routing_entropy", "expert_utilization"):
-            if key in out.stats:
-                result[key] = out.stats[key]
+        for signal, stat in ROUTING_STATS.items():
+            reported = [value for key, value in out.stats.items() if key.endswith("/" + stat)]
+            if reported:
+                result[signal] = reported[0]
         if probe and cfg.probe_rows:
             t0 = time.perf_counter()
             after_PTV = self._probe_logits(x_BT[:cfg.probe_rows])
@@ -409,7 +414,8 @@ class ContinualRunner:
             self.model.set_routing(cfg.eval_k or self.model.cfg.max_k, 0.0, 1.0)
         self.model.eval()
         losses = []
-        for t in range(len(self.tasks)) if tasks is None else tasks:
+        for t in progress(range(len(self.tasks)) if tasks is None else tasks, desc=f"evaluating tasks ({split})",
+                          unit="task"):
             windows = self.windows[split][t]
             ids = np.arange(min(windows.n_windows, cfg.eval_windows))
             total, count = 0.0, 0
@@ -442,7 +448,7 @@ class ContinualRunner:
         return row
 
     def metrics(self) -> dict[str, float | None]:
-        """Continual-learning metrics of the matrix so far (see orchestration.continual_metrics)."""
+        """Continual-learning metrics of the matrix so far (see orchestration.continual.metrics)."""
         if not self.matrix:
             return {}
         m = np.array(self.matrix)
@@ -508,8 +514,11 @@ def _check_resume_compatible(run: Location, cfg: ContinualConfig) -> None:
     if not saved.is_file() or latest_checkpoint(run, CHECKPOINT_PREFIX) is None:
         return
     current = dataclasses.asdict(cfg)
+    saved_cfg = saved.read_yaml() or {}
+    for values in (saved_cfg, current):  # data.rebuild re-makes the same stream: a resume may set it
+        values.get("data", {}).pop("rebuild", None)
     keys = [k for k in current if k not in RESUMABLE_CHANGES]
-    diffs = config_differences(saved.read_yaml() or {}, current, keys)
+    diffs = config_differences(saved_cfg, current, keys)
     if diffs:
         raise CheckpointError(f"{run} holds a run with different settings, so it cannot be resumed: "
                               f"{'; '.join(diffs)}. Use the same settings, or a new --output")
@@ -527,8 +536,11 @@ def finished_summary(run: Location, cfg: ContinualConfig) -> dict | None:
 
 
 def run_continual(cfg: ContinualConfig, controller: Controller | None = None,
-                  stream: TaskStream | None = None) -> dict:
+                  stream: TaskStream | None = None, learned: ControllerResolver | None = None) -> dict:
     """Run (or resume) one continual-learning run; returns the summary also written to summary.json.
+
+    The controller is ``controller`` when given, else the one ``cfg.controller`` names (``learned`` resolves the
+    names that are not fixed settings, e.g. ``rl.envs.thermo.learned_controller_resolver`` for a policy path).
 
     Example::
 
@@ -538,15 +550,15 @@ def run_continual(cfg: ContinualConfig, controller: Controller | None = None,
     """
     run = Location(cfg.output)
     cfg = dataclasses.replace(cfg, output=run.uri)
-    controller = controller or resolve_controller(cfg.controller, cfg.fixed_knobs)
+    controller = controller or resolve_controller(cfg.controller, cfg.fixed_knobs, learned)
     _check_resume_compatible(run, cfg)
     ckpt = newest_intact_checkpoint(run, CHECKPOINT_PREFIX)
     summary = finished_summary(run, cfg) if ckpt is not None else None
     if summary is not None:
         log.info("%s is finished; its summary is %s", run, run / "summary.json")
         return summary
+    runner = ContinualRunner(cfg, stream)  # builds the stream: a bad corpus is refused before the run folder exists
     (run / "config.yaml").write_text(to_yaml(cfg))
-    runner = ContinualRunner(cfg, stream)
     (run / TOKENIZER_FILE).write_text(Path(runner.stream.tokenizer_path).read_text())
     metrics = MetricsLog(run / METRICS_FILE)
     if ckpt is not None:
@@ -627,77 +639,3 @@ def _finish(run: Location, cfg: ContinualConfig, runner: ContinualRunner, names:
              summary["forgetting"], summary["backward_transfer"], summary["forward_transfer"],
              run / "summary.json")
     return summary
-
-
-# --- command line -----------------------------------------------------------------------------------------------
-
-CLI_FLAGS = {"model": "model", "benchmark": "stream.benchmark", "controller": "controller", "tasks": "stream.n_tasks",
-             "max_steps_per_task": "max_steps_per_task", "seed": "seed", "output": "output"}
-
-
-def _nested(flat: dict[str, Any]) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        cursor = out
-        *parents, last = key.split(".")
-        for part in parents:
-            cursor = cursor.setdefault(part, {})
-        cursor[last] = value
-    return out
-
-
-def config_from_args(args: argparse.Namespace) -> ContinualConfig:
-    """The run's config: defaults, then --config, then the dedicated flags, then key=value overrides.
-
-    ``--data`` sets data.source for the permuted benchmark and stream.domains (comma-separated) for multidomain.
-    """
-    flat = {key: getattr(args, attr) for attr, key in CLI_FLAGS.items() if getattr(args, attr, None) is not None}
-    cfg = load_config(ContinualConfig, args.config, args.overrides, **_nested(flat))
-    if args.data is None:
-        return cfg
-    if cfg.stream.benchmark == "multidomain":
-        flat["stream.domains"] = [d.strip() for d in args.data.split(",") if d.strip()]
-    else:
-        flat["data.source"] = args.data
-    return load_config(ContinualConfig, args.config, args.overrides, **_nested(flat))
-
-
-def _cmd_continual(args: argparse.Namespace) -> None:
-    run_continual(config_from_args(args))
-
-
-def _cmd_grid(args: argparse.Namespace) -> None:
-    from orchestration.continual_grid import GridConfig, run_grid
-
-    run_grid(load_config(GridConfig, args.file, args.overrides))
-
-
-def register(subparsers) -> None:
-    """Add the ``continual`` and ``continual-grid`` commands to the memtrain command line."""
-    p = subparsers.add_parser(
-        "continual", help="continual learning on a task stream (replay, EWC, routing knobs steered by a controller)",
-        description="Train a model through a stream of tasks and report the task x task evaluation matrix, "
-                    "forgetting, backward and forward transfer. Re-running with the same --output resumes.")
-    p.add_argument("--model", help="registry preset, e.g. tgsmn-sparse-tiny or tgsmn-dense-tiny")
-    p.add_argument("--benchmark", help="permuted or multidomain")
-    p.add_argument("--data", help="permuted: one corpus (builtin, wikitext2, ptb, agnews or a path); multidomain: "
-                                  "comma-separated corpora")
-    p.add_argument("--controller", help="fixed, a fixed preset (fixed-noreplay, fixed-replay30, fixed-k1, ...) "
-                                        "or a learned policy")
-    p.add_argument("--tasks", type=int, help="number of tasks")
-    p.add_argument("--max-steps-per-task", dest="max_steps_per_task", type=int, help="training steps per task")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--output", help="run directory")
-    p.add_argument("--config", help="YAML config file (see configs/continual/); flags and overrides win over it")
-    add_address_arg(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field, e.g. ewc_lambda=100")
-    p.set_defaults(func=_cmd_continual)
-
-    g = subparsers.add_parser(
-        "continual-grid", help="a grid of continual runs (variants x controllers x benchmarks x seeds) as Ray tasks",
-        description="Run every combination in parallel as Ray tasks, skip runs that already have a summary, and "
-                    "write one results table (results.csv, results.md) under the grid's output.")
-    g.add_argument("file", help="grid YAML (see configs/continual/grid-permuted.yaml)")
-    add_address_arg(g)
-    g.add_argument("overrides", nargs="*", metavar="key=value", help="override grid fields, e.g. seeds=[0,1]")
-    g.set_defaults(func=_cmd_grid)
