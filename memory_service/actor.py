@@ -17,6 +17,7 @@ Ray is imported lazily so that `LocalMemory` users never pay for it.
 from __future__ import annotations
 
 import os
+import warnings
 import time
 import uuid
 
@@ -61,7 +62,10 @@ class MemoryActor:
         context = ray.get_runtime_context()
         marker = os.path.join(path, INCARNATION_FILE)
         owner = open(marker).read().strip() if os.path.exists(marker) else None
-        if context.was_current_actor_reconstructed and owner != incarnation and not local.backup:
+        with warnings.catch_warnings():  # Ray 2.60's own property reads its deprecated actor_id and warns
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = context.was_current_actor_reconstructed
+        if restarted and owner != incarnation and not local.backup:
             # Ray restarted this actor, and the store it served is not here (its node was lost, or the path is a
             # different node's folder): opening the path would serve an empty or foreign memory as if it were ours
             self._refusal = (f"memory actor restarted on node {context.get_node_id()[:12]} ({ray.util.get_node_ip_address()}), "

@@ -128,12 +128,16 @@ def _cmd_ask(args) -> None:
 def _cmd_consolidate(args) -> None:
     from models.hmst.engine import Decisions, consolidate
 
+    session_file = Path(args.session)
+    if not session_file.is_file():
+        raise MemtrainError(f"no session file {args.session!r}; --session takes a UTF-8 text file with one statement "
+                            "or question per line")
+    lines = [line.strip() for line in session_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise MemtrainError(f"{args.session} is empty; give one statement or question per line")
     model, tokenizer = load_hmst(args.checkpoint)
     engine = _engine(args, model, tokenizer, _memory(args, model.cfg.d_model))
     session = engine.session()
-    lines = [line.strip() for line in Path(args.session).read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise MemtrainError(f"{args.session} is empty; give one statement or question per line")
     # questions are asked (their turns get the answer's confidence), statements are told
     for line in progress(lines, desc="running the session", unit="line"):
         if line.endswith("?"):
