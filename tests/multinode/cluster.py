@@ -432,6 +432,9 @@ class MultiNodeCluster:
         the machine, its own discovery fails with "Found multiple active Ray instances")."""
         return {**self._base_env(), **self.s3_env, "RAY_AUTH_MODE": "disabled",
                 "RAY_API_SERVER_ADDRESS": self.dashboard_url,
+                # memory actors keep their stores in a node-local folder (head_dir is hidden on the worker nodes)
+                # that is removed with the cluster, not in the host's ~/.cache
+                "MEMTRAIN_MEMORY_ROOT": str(self.head_dir / "memory"),
                 # SIGTERM to `ray start --block` would otherwise "drain" the node for up to 30 s before stopping
                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
                 "RAY_DEDUP_LOGS": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
