@@ -17,7 +17,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from timing import interleaved
+from timing import interleaved, lm_train_step
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,18 +41,12 @@ def fp32_forward(self, x_BTD: torch.Tensor, layer: int = 0, cache=None) -> torch
 def step_of(shape: str, batch: int):
     torch.manual_seed(0)
     model = build_model(shape)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
-    ids_BT = torch.randint(0, model.cfg.vocab_size, (batch, 129))
+    step = lm_train_step(model, torch.randint(0, model.cfg.vocab_size, (batch, 129)), bf16=True)
 
     def variant(forward):
         def run():
             attention.CausalSelfAttention.forward = forward
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(ids_BT[:, :-1], ids_BT[:, 1:])
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step()
         return run
     return variant
 

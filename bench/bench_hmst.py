@@ -32,7 +32,7 @@ import sys
 
 import torch
 from source_ref import hmst as source
-from timing import interleaved
+from timing import interleaved, lm_train_step
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,25 +54,15 @@ def matmul_probe(dtype: torch.dtype, n: int = 2048, reps: int = 3):
 def bench_training(repeats: int) -> list[str]:
     torch.manual_seed(0)
     model = build_model(SHAPE)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
     ids_BT = torch.randint(0, model.cfg.vocab_size, (8, 129))
-    inputs_BT, targets_BT = ids_BT[:, :-1], ids_BT[:, 1:]
-
-    def train_step(bf16: bool):
-        def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = model(inputs_BT, targets_BT)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return run
+    inputs_BT = ids_BT[:, :-1]
+    fp32_step, bf16_step = lm_train_step(model, ids_BT, bf16=False), lm_train_step(model, ids_BT, bf16=True)
 
     peak32, flops32 = matmul_probe(torch.float32)
     peak16, flops16 = matmul_probe(torch.bfloat16)
     _, source_step = source.trainer(ids_BT)
-    times = interleaved({"peak fp32": peak32, "fp32": train_step(False), "peak bf16": peak16,
-                         "bf16": train_step(True), "source": source_step}, repeats, warmup=2)
+    times = interleaved({"peak fp32": peak32, "fp32": fp32_step, "peak bf16": peak16,
+                         "bf16": bf16_step, "source": source_step}, repeats, warmup=2)
     med = {k: statistics.median(v) for k, v in times.items()}
     peaks = {"fp32": flops32 / med["peak fp32"], "bf16": flops16 / med["peak bf16"]}
     best_peaks = {"fp32": flops32 / min(times["peak fp32"]), "bf16": flops16 / min(times["peak bf16"])}

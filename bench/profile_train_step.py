@@ -19,6 +19,7 @@ import sys
 import time
 
 import torch
+from timing import lm_train_step
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -66,17 +67,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 def profile_step(model_name: str, batch: int, seq: int, bf16: bool, steps: int) -> tuple[dict, float, float]:
     torch.manual_seed(0)
     model = build_model(model_name)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
-    ids_BT = torch.randint(0, model.cfg.vocab_size, (batch, seq + 1))
-    inputs_BT, targets_BT = ids_BT[:, :-1], ids_BT[:, 1:]
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(inputs_BT, targets_BT)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step = lm_train_step(model, torch.randint(0, model.cfg.vocab_size, (batch, seq + 1)), bf16)
 
     for _ in range(2):
         step()
