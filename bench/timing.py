@@ -21,8 +21,11 @@ def interleaved(variants: dict, repeats: int, warmup: int = 1) -> dict[str, list
 
 def lm_train_step(model, ids_BT, bf16: bool):
     """One training step of an LM on the windows ``ids_BT`` (B, T + 1), as memtrain's pretraining runs it: forward
-    (bf16 autocast or fp32), backward, clip 1.0, fused AdamW. Returns a callable that runs one step."""
+    (bf16 autocast or fp32), backward, fused AdamW with the gradients clipped to 1.0 in its pass. Returns a callable
+    that runs one step."""
     import torch
+
+    from orchestration.training.pretrain import clipped_step
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
     inputs_BT, targets_BT = ids_BT[:, :-1], ids_BT[:, 1:]
@@ -31,7 +34,6 @@ def lm_train_step(model, ids_BT, bf16: bool):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(inputs_BT, targets_BT)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        clipped_step(optimizer, 1.0)
         optimizer.zero_grad(set_to_none=True)
     return run

@@ -167,3 +167,31 @@ def test_workers_that_can_never_start_fail_with_a_clear_error(ray_session, tmp_p
     with pytest.raises(MemtrainError, match=r"training workers could not start \(2 worker\(s\) x 1 CPU \+ 1 GPU\).*"
                                             r"no room for them"):
         pretrain(small(tmp_path, shard_cache, "max_steps=5", "gpus_per_worker=1"))  # this machine has no GPU
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 0.0])
+def test_clipped_step_updates_like_clip_grad_norm_then_step(max_norm):
+    import copy
+
+    import torch
+
+    from orchestration.training.pretrain import clipped_step, param_groups
+
+    torch.manual_seed(0)
+    folded = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    reference = copy.deepcopy(folded)
+    opt_f = torch.optim.AdamW(param_groups(folded, 0.1), lr=1e-2, fused=True)
+    opt_r = torch.optim.AdamW(param_groups(reference, 0.1), lr=1e-2, fused=True)
+    for _ in range(3):
+        x_BD = torch.randn(64, 16) * 10
+        for model in (folded, reference):
+            model(x_BD).square().mean().backward()
+        norm_r = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm if max_norm else float("inf"))
+        opt_r.step()
+        norm_f = clipped_step(opt_f, max_norm)
+        assert float(norm_f) == pytest.approx(float(norm_r), rel=1e-6) and (max_norm == 0 or norm_r > max_norm)
+        for opt in (opt_f, opt_r):
+            opt.zero_grad(set_to_none=True)
+        for a, b in zip(folded.parameters(), reference.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not hasattr(opt_f, "grad_scale") or opt_f.grad_scale is None  # the next plain step is not scaled

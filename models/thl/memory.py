@@ -137,8 +137,9 @@ class MemoryRouter(nn.Module):
         alpha_BHK = torch.softmax(top_BHK / cfg.router_temperature, dim=-1)
         r_BX = (alpha_BHK.unsqueeze(3) * values_BHKV).sum(2).view(B, -1) * state.scale  # kappa rows: elementwise
         rho = cfg.read_ema_decay
+        # under autocast the scores (and alpha) are bf16 while the load statistic stays in the state's dtype
         state.load_BJ.mul_(rho).scatter_add_(1, idx_BHK.view(B, H * K),
-                                             alpha_BHK.view(B, H * K) * ((1 - rho) * J / H))
+                                             (alpha_BHK.view(B, H * K) * ((1 - rho) * J / H)).to(state.load_BJ.dtype))
         saved = dict(alpha=alpha_BHK, idx=idx_BHK, keys=keys_BHDK, values=values_BHKV)
         if keep_dense:
             saved["dense"] = torch.softmax(scores_BHJ / cfg.router_temperature, dim=-1)
@@ -192,7 +193,8 @@ class MemoryWriter(nn.Module):
         target_scale_B = torch.where(blend_B, 1.0, gate_B) / state.scale  # rows are stored in units of scale
         target_BM = w_BM * target_scale_B[:, None]
         new_BM = torch.lerp(old_BM, target_BM, coef_B[:, None])
-        kv_BHE = torch.mm(new_BM, router.slot_kv.weight.t()).view(B, H, -1)
+        # in the state's dtype: under autocast the projection comes out in bf16, the caches stay as they were made
+        kv_BHE = torch.mm(new_BM, router.slot_kv.weight.t()).view(B, H, -1).to(state.keys_BHDJ.dtype)
         saved = dict(written=write_B, blended=blend_B, gate=gate_B, slot=slot_B)
         if keep:
             saved.update(u=u_BM, u_norm=u_norm_B1, clip=clip_B1, w=w_BM, old=old_BM, target=target_BM, new=new_BM,

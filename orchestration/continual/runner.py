@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
@@ -57,7 +56,7 @@ from orchestration.continual.tasks import StreamConfig, TaskStream, build_stream
 from orchestration.data.sources import DataConfig, WindowOrder
 from orchestration.errors import CheckpointError, ConfigError, StorageError, check_drill
 from orchestration.progress import progress
-from orchestration.training.pretrain import check_model_overrides, param_groups
+from orchestration.training.pretrain import check_model_overrides, clipped_step, param_groups
 from orchestration.storage import (CHECKPOINTS, METRICS_FILE, Location, MetricsLog, TensorBoardLog, copy_folder,
                                    latest_checkpoint, local_copy, newest_intact_checkpoint, prune_checkpoints)
 from orchestration.data.tokenizers import TOKENIZER_FILE
@@ -328,9 +327,7 @@ class ContinualRunner:
         if self.ewc.active:
             loss = loss + self.ewc.penalty()
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        self.optimizer.step()
+        grad_norm = clipped_step(self.optimizer, cfg.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
         self.buffer.add(online_BL, self.rng, task=s.task)
 
