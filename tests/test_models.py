@@ -112,3 +112,7 @@ def test_bf16_autocast_stays_within_bf16_tolerance_of_fp32(name):
             logits_low = model(ids_BT[:, :-1]).logits.float()
     assert float(low) == pytest.approx(float(ref), rel=1e-2)
     assert float((logits_low - logits_ref).abs().mean()) < 0.03 * float(logits_ref.abs().mean())
+    model.train()  # and a bf16 training step runs backward to every parameter
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids_BT[:, :-1], ids_BT[:, 1:]).loss.backward()
+    assert all(p.grad is not None and bool(p.grad.isfinite().all()) for p in model.parameters() if p.requires_grad)

@@ -59,10 +59,15 @@ def run_window(core: nn.Module, q_in_TBX: torch.Tensor, gates0_TBX: torch.Tensor
     Returns per-token tier features (T, B, sum(tier_dims)), read weights alpha (T, B, H, kappa) and the records.
     """
     params = recurrent_parameters(core) if torch.is_grad_enabled() else []
-    if q_in_TBX.requires_grad or any(p.requires_grad for p in params):
-        outs = _WindowNode.apply(core, state, noise_TBHJ, q_in_TBX, gates0_TBX, *params)
-    else:
-        outs = _forward(core, q_in_TBX, gates0_TBX, noise_TBHJ, state, saved=None)
+    # the recurrence runs in its parameters' dtype even under autocast: its hand-written backward (C++ and
+    # PyTorch loops) has no bf16 variant, and its per-token ops are too small for bf16 matmuls to pay
+    dtype = next(core.parameters()).dtype
+    with torch.autocast(q_in_TBX.device.type, enabled=False):
+        q_in_TBX, gates0_TBX = q_in_TBX.to(dtype), gates0_TBX.to(dtype)
+        if q_in_TBX.requires_grad or any(p.requires_grad for p in params):
+            outs = _WindowNode.apply(core, state, noise_TBHJ, q_in_TBX, gates0_TBX, *params)
+        else:
+            outs = _forward(core, q_in_TBX, gates0_TBX, noise_TBHJ, state, saved=None)
     return dict(zip(("feats_TBS", "alpha_TBHK", "idx_TBHK", "written_TB", "blended_TB", "gate_TB"), outs))
 
 
