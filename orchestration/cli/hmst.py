@@ -55,25 +55,33 @@ def _cmd_facts(args) -> None:
           f"`memtrain pretrain --model hmst-micro --data {path}`")
 
 
+def _save_component(component, name: str, output: str, result: dict) -> Location:
+    """A trained critic or encoder and its result written to ``output`` (a path or a URI), summary.json last."""
+    from models.hmst.training import save_component
+
+    out = Location(output)
+    with staged(out) as folder:
+        save_component(component, name, folder, {"result": result})
+    (out / "summary.json").write_json(result)
+    return out
+
+
 def _cmd_train_critic(args) -> None:
     from models.hmst.facts import FactConfig, FactWorld
-    from models.hmst.training import CriticTrainConfig, save_component, train_critic
+    from models.hmst.training import CriticTrainConfig, train_critic
     from orchestration.config import load_config
 
     cfg = load_config(CriticTrainConfig, args.config, args.overrides)
     model, tokenizer = load_hmst(args.checkpoint)
     world = FactWorld(FactConfig(seed=args.fact_seed))
     critic, result = train_critic(world, tokenizer, model.cfg.vocab_size, cfg)
-    out = Location(args.output)
-    with staged(out) as folder:
-        save_component(critic, "critic", folder, {"result": result})
-    (out / "summary.json").write_json(result)
+    out = _save_component(critic, "critic", args.output, result)
     print(f"[memtrain hmst] critic AUROC on held-out corrupted answers {result['auroc']:.3f} "
           f"(untrained {result['auroc_before']:.3f}); saved to {out}")
 
 
 def _cmd_train_memory(args) -> None:
-    from models.hmst.training import MemoryTrainConfig, save_component, train_memory_encoder
+    from models.hmst.training import MemoryTrainConfig, train_memory_encoder
     from orchestration.config import load_config
     from orchestration.data.sources import DataConfig, encode_documents, load_corpus
 
@@ -83,10 +91,7 @@ def _cmd_train_memory(args) -> None:
     train = list(encode_documents(tokenizer, corpus.splits["train"], "tokenizing train"))
     held_out = list(encode_documents(tokenizer, corpus.splits["validation"], "tokenizing validation"))
     encoder, result = train_memory_encoder(model.tok_emb, train, held_out, cfg)
-    out = Location(args.output)
-    with staged(out) as folder:
-        save_component(encoder, "ssm_encoder", folder, {"result": result})
-    (out / "summary.json").write_json(result)
+    out = _save_component(encoder, "ssm_encoder", args.output, result)
     print(f"[memtrain hmst] episodic encoder top-1 retrieval on held-out spans {result['top1_before']:.3f} -> "
           f"{result['top1_after']:.3f}; saved to {out}")
 
