@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from models.common.attention import RotaryEmbedding
 from models.common.errors import ModelError
 from models.common.sampling import SamplingConfig, generate, sample_next
 from models.io import load_model, save_model
@@ -116,3 +117,19 @@ def test_bf16_autocast_stays_within_bf16_tolerance_of_fp32(name):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(ids_BT[:, :-1], ids_BT[:, 1:]).loss.backward()
     assert all(p.grad is not None and bool(p.grad.isfinite().all()) for p in model.parameters() if p.requires_grad)
+
+
+def test_rope_rotates_each_pair_by_its_position_angle_and_keeps_the_dtype():
+    # pair i of a head at position p is rotated by p * base^(-2i / head_dim), whatever the input dtype
+    rope = RotaryEmbedding(head_dim=8, max_seq_len=32)
+    x_BHTD = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    start = 7
+    angle_TF = (torch.arange(start, start + 5, dtype=torch.float64)[:, None]
+                * 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8))
+    x1, x2 = x_BHTD[..., 0::2], x_BHTD[..., 1::2]
+    expected_BHTD = torch.stack((x1 * angle_TF.cos() - x2 * angle_TF.sin(),
+                                 x1 * angle_TF.sin() + x2 * angle_TF.cos()), dim=-1).flatten(-2)
+    assert torch.allclose(rope(x_BHTD.float(), start).double(), expected_BHTD, atol=1e-5)
+    low_BHTD = rope(x_BHTD.to(torch.bfloat16), start)
+    assert low_BHTD.dtype == torch.bfloat16
+    assert torch.allclose(low_BHTD.double(), expected_BHTD, atol=0.05)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,12 +53,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_SF", angles_SF.sin(), persistent=False)
 
     def forward(self, x_BHTD: torch.Tensor, start: int) -> torch.Tensor:
+        """``x_BHTD`` rotated by the angles of positions ``start ..``; computed in fp32, returned in x's dtype.
+
+        Each (even, odd) pair of a head is one complex number, so the rotation is one complex multiply: one
+        kernel forward and one backward, where the real-valued form costs eight strided elementwise ops.
+        """
         T = x_BHTD.size(2)
-        cos_TF = self.cos_SF[start:start + T].to(x_BHTD.dtype)
-        sin_TF = self.sin_SF[start:start + T].to(x_BHTD.dtype)
-        x1, x2 = x_BHTD[..., 0::2], x_BHTD[..., 1::2]
-        rotated = torch.stack((x1 * cos_TF - x2 * sin_TF, x1 * sin_TF + x2 * cos_TF), dim=-1)
-        return rotated.flatten(-2)
+        rotation_TF = torch.complex(self.cos_SF[start:start + T].float(), self.sin_SF[start:start + T].float())
+        pairs_BHTF = torch.view_as_complex(x_BHTD.float().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(pairs_BHTF * rotation_TF).flatten(-2).to(x_BHTD.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -74,21 +79,30 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, layer: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         B, T, D = x_BTD.shape
-        q_BHTD, k_BHTD, v_BHTD = (self.qkv(x_BTD).view(B, T, 3, self.n_heads, self.head_dim)
-                                  .permute(2, 0, 3, 1, 4).unbind(0))
+        qkv_BTC = self.qkv(x_BTD)
+        out_dtype = qkv_BTC.dtype  # bf16 under bf16 autocast: what the output projection takes
+        # On CPU attention runs in fp32 even under bf16 autocast: torch's CPU flash kernel is 2-3.5x slower on
+        # bf16 inputs than on fp32 ones (torch 2.13, AMX host), and autocast would cast fp32 inputs back to bf16,
+        # so it is switched off around the kernel. On GPUs the bf16 kernels are the fast ones.
+        on_cpu = x_BTD.device.type == "cpu"
+        if on_cpu:
+            qkv_BTC = qkv_BTC.float()
+        q_BHTD, k_BHTD, v_BHTD = qkv_BTC.view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         start = cache.length if cache is not None else 0
         if self.rope is not None:
             q_BHTD, k_BHTD = self.rope(q_BHTD, start), self.rope(k_BHTD, start)
-        if cache is not None:
-            k_BHSD, v_BHSD = cache.update(layer, k_BHTD, v_BHTD)
+        if cache is not None:  # the cache holds the model's dtype; attention reads it in this pass's dtype
+            k_BHSD, v_BHSD = (t.to(q_BHTD.dtype) for t in cache.update(layer, k_BHTD, v_BHTD))
         else:
             k_BHSD, v_BHSD = k_BHTD, v_BHTD
         dropout = self.dropout if self.training else 0.0
-        if start == 0:
-            y_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, dropout_p=dropout, is_causal=True)
-        elif T == 1:  # one new token attends to the whole cache: no mask needed
-            y_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, dropout_p=dropout)
-        else:  # a chunk appended to a non-empty cache: query i sees keys 0 .. start + i
-            mask_TS = torch.ones(T, start + T, dtype=torch.bool, device=x_BTD.device).tril(diagonal=start)
-            y_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask_TS, dropout_p=dropout)
-        return self.proj(y_BHTD.transpose(1, 2).reshape(B, T, D))
+        with torch.autocast("cpu", enabled=False) if on_cpu else contextlib.nullcontext():
+            if start == 0:
+                y_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, dropout_p=dropout, is_causal=True)
+            elif T == 1:  # one new token attends to the whole cache: no mask needed
+                y_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, dropout_p=dropout)
+            else:  # a chunk appended to a non-empty cache: query i sees keys 0 .. start + i
+                mask_TS = torch.ones(T, start + T, dtype=torch.bool, device=x_BTD.device).tril(diagonal=start)
+                y_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask_TS,
+                                                        dropout_p=dropout)
+        return self.proj(y_BHTD.to(out_dtype).transpose(1, 2).reshape(B, T, D))
