@@ -2,6 +2,7 @@
 
     python bench/profile_train_step.py                              # hmst-source-tiny, 8 x 128, bf16 and fp32
     python bench/profile_train_step.py --model hmst-tiny --batch 16 --seq 128 --dtypes bf16
+    python bench/profile_train_step.py --model hmst-micro --vocab 1024 --threads 1 --dtypes bf16   # a pipeline worker
 
 Categories (by op name): matmul (mm, addmm, bmm, linear and their backward), attention (scaled dot product
 attention), MoE dispatch (the row moves, sorts, scatters and gathers of routing), norms and activations, loss
@@ -64,9 +65,10 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def profile_step(model_name: str, batch: int, seq: int, bf16: bool, steps: int) -> tuple[dict, float, float]:
+def profile_step(model_name: str, batch: int, seq: int, bf16: bool, steps: int,
+                 vocab: int) -> tuple[dict, float, float]:
     torch.manual_seed(0)
-    model = build_model(model_name)
+    model = build_model(model_name, **({"vocab_size": vocab} if vocab else {}))
     step = lm_train_step(model, torch.randint(0, model.cfg.vocab_size, (batch, seq + 1)), bf16)
 
     for _ in range(2):
@@ -90,15 +92,17 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bf16,fp32")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=0, help="vocabulary size (0: the preset's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as every training process of memtrain does
-    print(f"# Training step profile: {args.model}, batch {args.batch} x {args.seq}, torch {torch.__version__}, "
+    vocab = f", vocabulary {args.vocab:,}" if args.vocab else ""
+    print(f"# Training step profile: {args.model}{vocab}, batch {args.batch} x {args.seq}, torch {torch.__version__}, "
           f"{args.threads} threads, load average at start {os.getloadavg()[0]:.1f}\n")
     for dtype in args.dtypes.split(","):
         bf16 = dtype == "bf16"
         peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
-        totals, wall, flops = profile_step(args.model, args.batch, args.seq, bf16, args.steps)
+        totals, wall, flops = profile_step(args.model, args.batch, args.seq, bf16, args.steps, args.vocab)
         profiled = sum(totals.values())
         print(f"## {dtype}: step {wall * 1e3:.0f} ms (profiled), {flops / wall / 1e9:,.0f} GFLOP/s model FLOPs = "
               f"MFU {flops / wall / peak:.0%} of the in-run {dtype} matmul peak {peak / 1e9:,.0f} GFLOP/s; "
