@@ -310,16 +310,7 @@ def train_worker(loop_config: dict) -> None:
     optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), fused=True)
     state = _load_starting_point(cfg, raw_model, optimizer, rank, world)
-    # moves to device; DDP when world > 1. DDP options: gradients are views into the all-reduce buckets (no copy
-    # in and out every step); buffers are re-broadcast from rank 0 before every forward only if the model has
-    # persistent ones, which training may change (the MoE balance bias): the others are RoPE's constant tables.
-    # hmst-micro, 2 workers of 1 thread: 85.6 ms per step against 94-97 ms with the defaults. static_graph is
-    # not used: with tied embeddings it changes the all-reduced gradients (SGD, 4 steps: 0.11 off a 1-process
-    # reference, against 0.002 without it).
-    persistent = set(raw_model.state_dict())
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=dict(
-        gradient_as_bucket_view=True,
-        broadcast_buffers=any(name in persistent for name, _ in raw_model.named_buffers())))
+    model = ray.train.torch.prepare_model(model)  # moves to device; DDP when world > 1
     resumed_from = state.step
 
     train = TokenWindows(shards["train"], cfg.data.seq_len)
