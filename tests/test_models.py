@@ -133,3 +133,24 @@ def test_rope_rotates_each_pair_by_its_position_angle_and_keeps_the_dtype():
     low_BHTD = rope(x_BHTD.to(torch.bfloat16), start)
     assert low_BHTD.dtype == torch.bfloat16
     assert torch.allclose(low_BHTD.double(), expected_BHTD, atol=0.05)
+
+
+def test_attention_kernel_gets_fp32_inputs_on_cpu_under_bf16_autocast():
+    # torch's CPU attention kernels are 2-3.5x slower on bf16 than on fp32, and autocast casts the kernel's inputs
+    # to bf16 unless it is switched off around the call: check what the kernel really receives
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[torch.dtype] = []
+
+    class RecordAttentionInputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in func.__name__:
+                seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    model = build_model("hmst-micro", vocab_size=64)
+    ids_BT = torch.randint(0, 64, (2, 17))
+    with torch.autocast("cpu", dtype=torch.bfloat16), RecordAttentionInputs():
+        out = model(ids_BT[:, :-1], ids_BT[:, 1:])
+    assert seen and set(seen) == {torch.float32}
+    assert torch.isfinite(out.loss)
