@@ -3,6 +3,8 @@
     python bench/profile_train_step.py                              # hmst-source-tiny, 8 x 128, bf16 and fp32
     python bench/profile_train_step.py --model hmst-tiny --batch 16 --seq 128 --dtypes bf16
     python bench/profile_train_step.py --model hmst-micro --vocab 1024 --threads 1 --dtypes bf16   # a pipeline worker
+    python bench/profile_train_step.py --model tgsmn-dense-tiny --vocab 4096 --batch 16 --seq 256 \
+        --set d_model=256 --set d_ff=1024                        # bench/bench_pretrain.py's model
 
 Categories (by op name): matmul (mm, addmm, bmm, linear and their backward), attention (scaled dot product
 attention), MoE dispatch (the row moves, sorts, scatters and gathers of routing), norms and activations, loss
@@ -66,9 +68,9 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 
 def profile_step(model_name: str, batch: int, seq: int, bf16: bool, steps: int,
-                 vocab: int) -> tuple[dict, float, float]:
+                 overrides: dict) -> tuple[dict, float, float]:
     torch.manual_seed(0)
-    model = build_model(model_name, **({"vocab_size": vocab} if vocab else {}))
+    model = build_model(model_name, **overrides)
     step = lm_train_step(model, torch.randint(0, model.cfg.vocab_size, (batch, seq + 1)), bf16)
 
     for _ in range(2):
@@ -93,16 +95,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=0, help="vocabulary size (0: the preset's)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
+                        help="an integer model config field, e.g. d_model=256 (repeatable)")
     args = parser.parse_args()
+    overrides = {key: int(value) for key, value in (item.split("=", 1) for item in args.set)}
+    if args.vocab:
+        overrides["vocab_size"] = args.vocab
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as every training process of memtrain does
-    vocab = f", vocabulary {args.vocab:,}" if args.vocab else ""
-    print(f"# Training step profile: {args.model}{vocab}, batch {args.batch} x {args.seq}, torch {torch.__version__}, "
+    shape = "".join(f", {key} {value:,}" for key, value in overrides.items())
+    print(f"# Training step profile: {args.model}{shape}, batch {args.batch} x {args.seq}, torch {torch.__version__}, "
           f"{args.threads} threads, load average at start {os.getloadavg()[0]:.1f}\n")
     for dtype in args.dtypes.split(","):
         bf16 = dtype == "bf16"
         peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
-        totals, wall, flops = profile_step(args.model, args.batch, args.seq, bf16, args.steps, args.vocab)
+        totals, wall, flops = profile_step(args.model, args.batch, args.seq, bf16, args.steps, overrides)
         profiled = sum(totals.values())
         print(f"## {dtype}: step {wall * 1e3:.0f} ms (profiled), {flops / wall / 1e9:,.0f} GFLOP/s model FLOPs = "
               f"MFU {flops / wall / peak:.0%} of the in-run {dtype} matmul peak {peak / 1e9:,.0f} GFLOP/s; "

@@ -28,8 +28,14 @@ def naive_moe(moe: MoELayer, x_ND: torch.Tensor, capacity: int | None = None) ->
     return y_ND
 
 
+# EQUAL_BLOCKS_MAX_ROWS 0: every expert block as it is, one matmul per expert; 100: all blocks padded to the
+# largest, one batched matmul over the experts
+@pytest.mark.parametrize("equal_blocks_max_rows", [0.0, 100.0])
 @pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_dispatch_matches_per_token_reference_with_gradients(top_k):
+def test_dispatch_matches_per_token_reference_with_gradients(monkeypatch, top_k, equal_blocks_max_rows):
+    import models.common.moe as moe_module
+
+    monkeypatch.setattr(moe_module, "EQUAL_BLOCKS_MAX_ROWS", equal_blocks_max_rows)
     torch.manual_seed(0)
     moe = MoELayer(16, 24, n_experts=4, top_k=top_k)
     x_BTD = torch.randn(3, 5, 16, requires_grad=True)
@@ -130,13 +136,16 @@ def test_expert_bias_hook_steers_routing():
         moe.set_expert_bias(torch.zeros(3))
 
 
+@pytest.mark.parametrize("equal_blocks_max_rows", [0.0, 100.0])
 @pytest.mark.parametrize("capacity_factor", [0.0, 0.5])
-def test_blocks_padded_for_onednn_match_reference(monkeypatch, capacity_factor):
+def test_blocks_padded_for_onednn_match_reference(monkeypatch, capacity_factor, equal_blocks_max_rows):
     # Under bf16 on CPU each expert block is padded with zero rows to a multiple of 32 (see _row_bucket); run
-    # that path in fp32, where the per-token reference is exact, with and without dropped assignments.
+    # that path in fp32, where the per-token reference is exact, with and without dropped assignments, with
+    # per-expert and batched expert matmuls.
     import models.common.moe as moe_module
 
     monkeypatch.setattr(moe_module, "_row_bucket", lambda x_ND: 32)
+    monkeypatch.setattr(moe_module, "EQUAL_BLOCKS_MAX_ROWS", equal_blocks_max_rows)
     torch.manual_seed(1)
     moe = MoELayer(16, 24, n_experts=4, top_k=2, capacity_factor=capacity_factor)
     x_BTD = torch.randn(3, 7, 16, requires_grad=True)

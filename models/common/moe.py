@@ -145,6 +145,9 @@ class MoELayer(nn.Module):
         kept_E = kept_per_expert_E.tolist()
         bucket = _row_bucket(x_ND)
         block_E = [-(-n // bucket) * bucket for n in kept_E]
+        if E > 1 and max(block_E) * E <= EQUAL_BLOCKS_MAX_ROWS * sum(block_E):
+            # equal blocks: each projection runs as one batched matmul over all experts (see _ExpertFFN)
+            block_E = [max(block_E)] * E
         P = sum(block_E)
         slot_A = torch.arange(A_kept, device=x_ND.device)
         if P > A_kept:  # shift each expert's slots by the padding of the experts before it
@@ -233,6 +236,13 @@ def _take_rows(x_RD: torch.Tensor, src_S: torch.Tensor, has_zero: bool) -> torch
     return x_RD.index_select(0, src_S)
 
 
+# Expert blocks are all padded to the largest one while that adds at most this share of rows (1.15 = 15%): one
+# batched matmul per projection over all experts instead of one matmul per expert makes a bf16 training step 1.05x
+# at hmst-micro and hmst-tiny and 1.00x at hmst-source-tiny (bench/bench_moe_bmm.py). Padded rows are computed for
+# nothing, so a skewed routing (the meta-controller steering a batch towards one expert) keeps per-expert matmuls.
+EQUAL_BLOCKS_MAX_ROWS = 1.15
+
+
 def _row_bucket(x_ND: torch.Tensor) -> int:
     """Expert blocks are padded to a multiple of this many rows. oneDNN, which runs bf16/fp16 matmuls on CPU,
     JIT-compiles a kernel per matmul shape; expert block sizes change every step, so unpadded each step compiles
@@ -248,7 +258,8 @@ def _row_bucket(x_ND: torch.Tensor) -> int:
 class _ExpertFFN(torch.autograd.Function):
     """``act(x_e @ up[e]) @ down[e]`` for each expert's row block ``x_e``, forward and backward by hand.
 
-    Every matmul writes straight into its slice of one preallocated output or gradient (``out=``), so there is no
+    Equal blocks run as batched matmuls over all experts (the rows viewed as ``(E, R, D)``). Otherwise every
+    matmul writes straight into its slice of one preallocated output or gradient (``out=``), so there is no
     per-expert ``cat`` of outputs and no ``stack`` of per-expert weight gradients: autograd through slices of
     the stacked weights would materialise both, a copy of all expert weights per layer and step.
     """
@@ -256,36 +267,54 @@ class _ExpertFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_AD, up_EDF, down_EFD, tokens_per_expert: list[int], activation: str):
         with torch.autocast(x_AD.device.type, enabled=False):
-            A, F_ = x_AD.size(0), up_EDF.size(2)
+            E, A, F_ = up_EDF.size(0), x_AD.size(0), up_EDF.size(2)
             bounds = _block_bounds(tokens_per_expert)
-            h_AF = x_AD.new_empty(A, F_)
-            for e, (lo, hi) in enumerate(bounds):
-                torch.mm(x_AD[lo:hi], up_EDF[e], out=h_AF[lo:hi])
+            equal = len(set(tokens_per_expert)) == 1
+            if equal:
+                h_AF = torch.bmm(x_AD.view(E, -1, x_AD.size(1)), up_EDF).view(A, F_)
+            else:
+                h_AF = x_AD.new_empty(A, F_)
+                for e, (lo, hi) in enumerate(bounds):
+                    torch.mm(x_AD[lo:hi], up_EDF[e], out=h_AF[lo:hi])
             a_AF = F.gelu(h_AF) if activation == "gelu" else F.relu(h_AF)
-            y_AD = x_AD.new_empty(A, down_EFD.size(2))
-            for e, (lo, hi) in enumerate(bounds):
-                torch.mm(a_AF[lo:hi], down_EFD[e], out=y_AD[lo:hi])
+            if equal:
+                y_AD = torch.bmm(a_AF.view(E, -1, F_), down_EFD).view(A, -1)
+            else:
+                y_AD = x_AD.new_empty(A, down_EFD.size(2))
+                for e, (lo, hi) in enumerate(bounds):
+                    torch.mm(a_AF[lo:hi], down_EFD[e], out=y_AD[lo:hi])
         ctx.save_for_backward(x_AD, up_EDF, down_EFD, h_AF, a_AF)
-        ctx.bounds, ctx.activation = bounds, activation
+        ctx.bounds, ctx.equal, ctx.activation = bounds, equal, activation
         return y_AD
 
     @staticmethod
     def backward(ctx, grad_y_AD):
         x_AD, up_EDF, down_EFD, h_AF, a_AF = ctx.saved_tensors
         grad_y_AD = grad_y_AD.to(a_AF.dtype).contiguous()
+        if ctx.equal:
+            E = up_EDF.size(0)
+            x_ERD, h_ERF, a_ERF = (t.view(E, -1, t.size(1)) for t in (x_AD, h_AF, a_AF))
+            grad_y_ERD = grad_y_AD.view(E, -1, grad_y_AD.size(1))
+            grad_down_EFD = torch.bmm(a_ERF.transpose(1, 2), grad_y_ERD)
+            grad_a_ERF = torch.bmm(grad_y_ERD, down_EFD.transpose(1, 2))
+            grad_h_ERF = _activation_backward(grad_a_ERF, h_ERF, ctx.activation)
+            grad_up_EDF = torch.bmm(x_ERD.transpose(1, 2), grad_h_ERF)
+            grad_x_AD = torch.bmm(grad_h_ERF, up_EDF.transpose(1, 2)).view_as(x_AD)
+            return grad_x_AD, grad_up_EDF, grad_down_EFD, None, None
         grad_down_EFD, grad_a_AF = torch.empty_like(down_EFD), torch.empty_like(a_AF)
         for e, (lo, hi) in enumerate(ctx.bounds):  # an expert with no tokens gets an all-zero gradient
             torch.mm(a_AF[lo:hi].t(), grad_y_AD[lo:hi], out=grad_down_EFD[e])
             torch.mm(grad_y_AD[lo:hi], down_EFD[e].t(), out=grad_a_AF[lo:hi])
-        if ctx.activation == "gelu":
-            grad_h_AF = gelu_backward(grad_a_AF, h_AF)
-        else:
-            grad_h_AF = grad_a_AF * (h_AF > 0)
+        grad_h_AF = _activation_backward(grad_a_AF, h_AF, ctx.activation)
         grad_up_EDF, grad_x_AD = torch.empty_like(up_EDF), torch.empty_like(x_AD)
         for e, (lo, hi) in enumerate(ctx.bounds):
             torch.mm(x_AD[lo:hi].t(), grad_h_AF[lo:hi], out=grad_up_EDF[e])
             torch.mm(grad_h_AF[lo:hi], up_EDF[e].t(), out=grad_x_AD[lo:hi])
         return grad_x_AD, grad_up_EDF, grad_down_EFD, None, None
+
+
+def _activation_backward(grad_a: torch.Tensor, h: torch.Tensor, activation: str) -> torch.Tensor:
+    return gelu_backward(grad_a, h) if activation == "gelu" else grad_a * (h > 0)
 
 
 def _block_bounds(tokens_per_expert: list[int]) -> list[tuple[int, int]]:
