@@ -17,18 +17,15 @@ the median of the paired ratios.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
-from timing import interleaved, lm_train_step
+from timing import paired_bf16_steps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.common import attention  # noqa: E402
-from models.registry import build_model  # noqa: E402
-from orchestration.allocator import keep_freed_memory  # noqa: E402
 
 MODEL_FORWARD = attention.CausalSelfAttention.forward
 
@@ -51,27 +48,9 @@ def bf16_forward(self, x_BTD: torch.Tensor, layer: int = 0, cache=None) -> torch
 
 
 def main() -> None:
-    keep_freed_memory()  # as every training process of memtrain does
-    print(f"torch {torch.__version__}, load average at start {os.getloadavg()[0]:.1f}\n")
-    print("| model, batch, threads | bf16 attention step (ms) | fp32 attention step (ms) | speedup (median of pairs) |")
-    print("|---|---|---|---|")
-    for shape, batch, threads, vocab, repeats in (("hmst-micro", 8, 1, 1024, 15), ("hmst-tiny", 16, 2, None, 9),
-                                                  ("hmst-source-tiny", 8, 2, None, 7)):
-        torch.set_num_threads(threads)
-        torch.manual_seed(0)
-        model = build_model(shape, **({"vocab_size": vocab} if vocab else {}))
-        step = lm_train_step(model, torch.randint(0, model.cfg.vocab_size, (batch, 129)), bf16=True)
-
-        def variant(forward):
-            def run():
-                attention.CausalSelfAttention.forward = forward
-                step()
-            return run
-        times = interleaved({"bf16": variant(bf16_forward), "fp32": variant(MODEL_FORWARD)}, repeats, warmup=2)
-        attention.CausalSelfAttention.forward = MODEL_FORWARD
-        ratio = statistics.median(a / b for a, b in zip(times["bf16"], times["fp32"]))
-        print(f"| {shape}, {batch} x 128, {threads} | {statistics.median(times['bf16']) * 1e3:.0f} | "
-              f"{statistics.median(times['fp32']) * 1e3:.0f} | {ratio:.3f} |", flush=True)
+    def use(name: str) -> None:
+        attention.CausalSelfAttention.forward = bf16_forward if name == "bf16 attention" else MODEL_FORWARD
+    paired_bf16_steps(use, "bf16 attention", "fp32 attention", "the model's attention against the bf16 one")
 
 
 if __name__ == "__main__":

@@ -13,44 +13,22 @@ the median of the paired ratios.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 
-import torch
-from timing import interleaved, lm_train_step
+from timing import paired_bf16_steps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.common import moe  # noqa: E402
-from models.registry import build_model  # noqa: E402
-from orchestration.allocator import keep_freed_memory  # noqa: E402
 
 THRESHOLD = moe.EQUAL_BLOCKS_MAX_ROWS
 
 
 def main() -> None:
-    keep_freed_memory()  # as every training process of memtrain does
-    print(f"torch {torch.__version__}, load average at start {os.getloadavg()[0]:.1f}; equal blocks while they add "
-          f"at most {THRESHOLD - 1:.0%} rows\n")
-    print("| model, batch, threads | per-expert matmuls step (ms) | batched matmuls step (ms) | speedup |")
-    print("|---|---|---|---|")
-    for shape, batch, threads, vocab, repeats in (("hmst-micro", 8, 1, 1024, 15), ("hmst-tiny", 16, 2, None, 9),
-                                                  ("hmst-source-tiny", 8, 2, None, 7)):
-        torch.set_num_threads(threads)
-        torch.manual_seed(0)
-        model = build_model(shape, **({"vocab_size": vocab} if vocab else {}))
-        step = lm_train_step(model, torch.randint(0, model.cfg.vocab_size, (batch, 129)), bf16=True)
-
-        def variant(threshold: float):
-            def run():
-                moe.EQUAL_BLOCKS_MAX_ROWS = threshold
-                step()
-            return run
-        times = interleaved({"loop": variant(0.0), "bmm": variant(THRESHOLD)}, repeats, warmup=3)
-        moe.EQUAL_BLOCKS_MAX_ROWS = THRESHOLD
-        ratio = statistics.median(a / b for a, b in zip(times["loop"], times["bmm"]))
-        print(f"| {shape}, {batch} x 128, {threads} | {statistics.median(times['loop']) * 1e3:.0f} | "
-              f"{statistics.median(times['bmm']) * 1e3:.0f} | {ratio:.3f} |", flush=True)
+    def use(name: str) -> None:
+        moe.EQUAL_BLOCKS_MAX_ROWS = 0.0 if name == "per-expert matmuls" else THRESHOLD
+    paired_bf16_steps(use, "per-expert matmuls", "batched matmuls",
+                      f"equal blocks while they add at most {THRESHOLD - 1:.0%} rows")
 
 
 if __name__ == "__main__":
