@@ -2,9 +2,9 @@
 
     python bench/profile_train_step.py                              # hmst-source-tiny, 8 x 128, bf16 and fp32
     python bench/profile_train_step.py --model hmst-tiny --batch 16 --seq 128 --dtypes bf16
-    python bench/profile_train_step.py --model hmst-micro --vocab 1024 --threads 1 --dtypes bf16   # a pipeline worker
-    python bench/profile_train_step.py --model tgsmn-dense-tiny --vocab 4096 --batch 16 --seq 256 \
-        --set d_model=256 --set d_ff=1024                        # bench/bench_pretrain.py's model
+    python bench/profile_train_step.py --model hmst-micro --set vocab_size=1024 --threads 1 --dtypes bf16   # a pipeline worker
+    python bench/profile_train_step.py --model tgsmn-dense-tiny --batch 16 --seq 256 \
+        --set vocab_size=4096 --set d_model=256 --set d_ff=1024                        # bench/bench_pretrain.py's model
 
 Categories (by op name): matmul (mm, addmm, bmm, linear and their backward), attention (scaled dot product
 attention), MoE dispatch (the row moves, sorts, scatters and gathers of routing), norms and activations, loss
@@ -94,13 +94,10 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bf16,fp32")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=0, help="vocabulary size (0: the preset's)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
-                        help="an integer model config field, e.g. d_model=256 (repeatable)")
+                        help="an integer model config field, e.g. vocab_size=1024 (repeatable)")
     args = parser.parse_args()
     overrides = {key: int(value) for key, value in (item.split("=", 1) for item in args.set)}
-    if args.vocab:
-        overrides["vocab_size"] = args.vocab
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as every training process of memtrain does
     shape = "".join(f", {key} {value:,}" for key, value in overrides.items())

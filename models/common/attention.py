@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,10 +80,10 @@ class CausalSelfAttention(nn.Module):
         qkv_BTC = self.qkv(x_BTD)
         out_dtype = qkv_BTC.dtype  # bf16 under bf16 autocast: what the output projection takes
         # On CPU attention runs in fp32 even under bf16 autocast: torch's CPU flash kernel is 2-3.5x slower on
-        # bf16 inputs than on fp32 ones (torch 2.13, AMX host), and autocast would cast fp32 inputs back to bf16,
-        # so it is switched off around the kernel. On GPUs the bf16 kernels are the fast ones.
-        on_cpu = x_BTD.device.type == "cpu"
-        if on_cpu:
+        # bf16 inputs than on fp32 ones (torch 2.13, AMX host), and CPU autocast would cast fp32 inputs back to
+        # bf16, so it is switched off around the kernel (which leaves GPU autocast alone). On GPUs the bf16
+        # kernels are the fast ones.
+        if x_BTD.device.type == "cpu":
             qkv_BTC = qkv_BTC.float()
         q_BHTD, k_BHTD, v_BHTD = qkv_BTC.view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         start = cache.length if cache is not None else 0
@@ -96,7 +94,7 @@ class CausalSelfAttention(nn.Module):
         else:
             k_BHSD, v_BHSD = k_BHTD, v_BHTD
         dropout = self.dropout if self.training else 0.0
-        with torch.autocast("cpu", enabled=False) if on_cpu else contextlib.nullcontext():
+        with torch.autocast("cpu", enabled=False):
             if start == 0:
                 y_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, dropout_p=dropout, is_causal=True)
             elif T == 1:  # one new token attends to the whole cache: no mask needed
