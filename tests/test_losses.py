@@ -38,3 +38,20 @@ def test_fused_loss_under_bf16_autocast_stays_close_to_the_reference():
     torch.testing.assert_close(fused, ref, atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(fused_h, ref_h, atol=2e-3, rtol=5e-2)
     torch.testing.assert_close(fused_w, ref_w, atol=2e-3, rtol=5e-2)
+
+
+def test_bf16_logit_gradient_keeps_the_target_entry_exact_when_the_model_is_confident():
+    # p_t - 1 of a rounded p_t cancels near p_t = 1 (bf16 steps by 2^-8 there): the target's entry of the gradient
+    # must come out right for confident rows as well as for uncertain ones
+    torch.manual_seed(0)
+    logits_CV = torch.randn(6, 300)
+    t_C1 = torch.tensor([[3], [10], [299], [0], [150], [7]])
+    logits_CV[torch.arange(3), t_C1[:3, 0]] += torch.tensor([12.0, 14.0, 16.0])  # p_t of 0.995 to 0.9999
+    logits_CV = logits_CV.to(torch.bfloat16)
+    logp_t_C1, g_CV = losses._target_logp_and_logit_grad(logits_CV, t_C1)
+    ref_logp_CV = torch.log_softmax(logits_CV.double(), dim=-1)
+    ref_g_CV = ref_logp_CV.exp().scatter_add_(1, t_C1, torch.full((6, 1), -1.0, dtype=torch.float64))
+    assert g_CV.dtype == torch.bfloat16 and logp_t_C1.dtype == torch.float32
+    torch.testing.assert_close(logp_t_C1.double(), ref_logp_CV.gather(1, t_C1), rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(g_CV.double(), ref_g_CV, rtol=2**-8, atol=1e-9)
+    assert (ref_g_CV.gather(1, t_C1[:3]) > -0.03).all()  # the confident rows are confident
