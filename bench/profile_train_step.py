@@ -8,7 +8,8 @@
 
 Categories (by op name): matmul (mm, addmm, bmm, linear and their backward), attention (scaled dot product
 attention), MoE dispatch (the row moves, sorts, scatters and gathers of routing), norms and activations, loss
-(log-softmax, cross-entropy, NLL), optimizer (the fused AdamW and gradient clipping), embedding, and the rest
+(every op but the matmuls inside the fused head + cross-entropy, with its weight cast and softmax; log-softmax,
+cross-entropy and NLL elsewhere), optimizer (the fused AdamW and gradient clipping), embedding, and the rest
 (elementwise ops not named above, copies, casts). The in-run matmul peak of each dtype is measured in the same
 process, so the matmul share can be read against what the machine offers. Prints a markdown table.
 """
@@ -56,6 +57,16 @@ def category(name: str) -> str:
     return "other elementwise and bookkeeping"
 
 
+def inside_fused_loss(event) -> bool:
+    """Whether a profiler event ran inside the fused head + cross-entropy (its softmax, casts, indexing)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == "_LinearCrossEntropy":
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
@@ -81,8 +92,11 @@ def profile_step(model_name: str, batch: int, seq: int, bf16: bool, steps: int,
             step()
     wall = (time.perf_counter() - start) / steps
     totals: dict[str, float] = collections.defaultdict(float)
-    for event in prof.key_averages():
-        totals[category(event.key)] += event.self_cpu_time_total / 1e6 / steps
+    for event in prof.events():
+        label = category(event.name)
+        if label != "matmul" and inside_fused_loss(event):
+            label = "loss"
+        totals[label] += event.self_cpu_time_total / 1e6 / steps
     return totals, wall, model.flops_per_token(seq) * batch * seq
 
 
