@@ -55,3 +55,12 @@ def test_bf16_logit_gradient_keeps_the_target_entry_exact_when_the_model_is_conf
     torch.testing.assert_close(logp_t_C1.double(), ref_logp_CV.gather(1, t_C1), rtol=2**-8, atol=1e-6)
     torch.testing.assert_close(g_CV.double(), ref_g_CV, rtol=2**-8, atol=1e-9)
     assert (ref_g_CV.gather(1, t_C1[:3]) > -0.03).all()  # the confident rows are confident
+
+
+def test_bf16_log_probability_of_an_underflowed_target_stays_finite():
+    logits_CV = torch.zeros(2, 50)
+    logits_CV[0, 7] = 200.0  # the target (0) is 200 below the best: its probability underflows fp32's exp
+    logp_t_C1, g_CV = losses._target_logp_and_logit_grad(logits_CV.to(torch.bfloat16), torch.tensor([[0], [3]]))
+    assert torch.isfinite(logp_t_C1).all() and logp_t_C1[0, 0] < -80  # capped at log(fp32's tiny), about -87
+    assert g_CV[0, 0] == -1 and g_CV[0, 7] == 1  # the gradient is exact
+    torch.testing.assert_close(logp_t_C1[1, 0], torch.tensor(-torch.log(torch.tensor(50.0)).item()), rtol=2**-8, atol=0)

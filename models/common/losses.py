@@ -27,15 +27,17 @@ CHUNK_ELEMENTS = 1 << 26  # logits per chunk (256 MB in fp32): 1,335 rows at V =
 
 
 def _target_logp_and_logit_grad(logits_CV: torch.Tensor, t_C1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's log-probability of its target (fp32, C x 1) and d(-logp_t)/d logits = softmax - one-hot (in the
-    logits' dtype)."""
-    if logits_CV.dtype in (torch.float32, torch.float64):
-        logp_CV = torch.log_softmax(logits_CV, dim=-1)
+    """Each row's log-probability of its target (C x 1, fp32 or fp64) and d(-logp_t)/d logits = softmax - one-hot
+    (in the logits' dtype)."""
+    if logits_CV.dtype != torch.bfloat16:  # fp32 and fp64 as they are; fp16 (whose range is too narrow for the
+        # probabilities) through fp32, its gradient rounded back once
+        logp_CV = torch.log_softmax(logits_CV, dim=-1, dtype=torch.promote_types(logits_CV.dtype, torch.float32))
         logp_t_C1 = logp_CV.gather(1, t_C1)
-        return logp_t_C1, logp_CV.exp_().scatter_add_(1, t_C1, torch.full_like(t_C1, -1.0, dtype=logp_CV.dtype))
-    # bf16/fp16 logits: one softmax that reads the low-precision logits, computes in fp32 and writes low precision.
-    # An fp32 log-softmax, exp and cast back make four passes over an fp32 copy instead (on CPU at 1,024 x 50,258:
-    # 160 ms against about 45). The gradient is rounded once, as the cast rounded it before.
+        g_CV = logp_CV.exp_().scatter_add_(1, t_C1, torch.full_like(t_C1, -1.0, dtype=logp_CV.dtype))
+        return logp_t_C1, g_CV.to(logits_CV.dtype)
+    # bf16 logits: one softmax that reads them, computes in fp32 and writes bf16. An fp32 log-softmax, exp and cast
+    # back make four passes over an fp32 copy instead (on CPU at 1,024 x 50,258: 160 ms against about 45). The
+    # gradient is rounded once, as the cast rounded it before.
     g_CV = torch.softmax(logits_CV, dim=-1)
     C, V = g_CV.shape
     target_C = torch.arange(C, device=g_CV.device) * V + t_C1[:, 0]  # in the flat view (scatter_ into bf16 is
@@ -46,8 +48,9 @@ def _target_logp_and_logit_grad(logits_CV: torch.Tensor, t_C1: torch.Tensor) -> 
     g_V[target_C] = 0
     rest_C = g_CV.sum(dim=-1).float()  # accumulated in fp32
     g_V[target_C] = (-rest_C).to(g_CV.dtype)
-    # log p_t from whichever of p_t and 1 - p_t is the smaller, so both keep bf16's relative precision
-    logp_t_C = torch.where(p_t_C < 0.5, p_t_C.log(), torch.log1p(-rest_C))
+    # log p_t from whichever of p_t and 1 - p_t is the smaller, so both keep bf16's relative precision; a p_t that
+    # underflowed to 0 in the kernel's fp32 exp (log p_t below -87) counts as -87 (its gradient entry is exact)
+    logp_t_C = torch.where(p_t_C < 0.5, p_t_C.clamp_min(torch.finfo(torch.float32).tiny).log(), torch.log1p(-rest_C))
     return logp_t_C[:, None], g_CV
 
 
