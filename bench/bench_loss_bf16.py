@@ -5,10 +5,11 @@
 
 With bf16 logits, ``linear_cross_entropy`` takes the gradient (softmax - one-hot) from one softmax kernel that reads
 bf16 and writes bf16, computing in fp32 inside; the target's entry and log-probability come from the row's other
-entries (see ``models/common/losses.py``). The reference is the code it replaced, reproduced here: an fp32
-log-softmax of the bf16 logits, exp in place, one-hot subtracted, cast back to bf16. Prints the bf16 training step
-of hmst-micro at the pipeline's per-worker shape (8 x 128, vocabulary 1,024, 1 thread), hmst-tiny (16 x 128) and
-hmst-source-tiny (8 x 128, vocabulary 50,258) on 2 threads, interleaved, with the median of the paired ratios.
+entries (see ``models/common/losses.py``). The reference is the path it replaced, which fp16 logits still take:
+an fp32 log-softmax of the bf16 logits, exp in place, one-hot subtracted, cast back to bf16. Prints the bf16
+training step of hmst-micro at the pipeline's per-worker shape (8 x 128, vocabulary 1,024, 1 thread), hmst-tiny
+(16 x 128) and hmst-source-tiny (8 x 128, vocabulary 50,258) on 2 threads, interleaved, with the median of the
+paired ratios.
 
 ``--quality STEPS`` instead trains the pipeline's model (hmst-micro, vocabulary 1,024, 8 x 128, bf16, the
 pipeline's learning-rate schedule) from scratch on the builtin corpus with each path, the same seed, data order and
@@ -38,30 +39,21 @@ from orchestration.pipeline import PipelinePretrainConfig  # noqa: E402
 from orchestration.storage import Location  # noqa: E402
 from orchestration.training.pretrain import clipped_step, lr_at, param_groups  # noqa: E402
 
+# the path bf16 logits took before (and fp16 ones still take): an fp32 log-softmax, exp in place, cast back
+FP32_LOG_SOFTMAX = losses._target_logp_and_logit_grad_via_fp32
 BF16_SOFTMAX = losses._target_logp_and_logit_grad
 
 
-def fp32_log_softmax(logits_CV: torch.Tensor, t_C1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss chunk before: log-softmax in fp32, its exp turned into the gradient in place, cast back."""
-    logp_CV = torch.log_softmax(logits_CV, dim=-1, dtype=torch.float32)
-    logp_t_C1 = logp_CV.gather(1, t_C1)
-    g_CV = logp_CV.exp_().scatter_add_(1, t_C1, torch.full_like(t_C1, -1.0, dtype=logp_CV.dtype))
-    return logp_t_C1, g_CV.to(logits_CV.dtype)
-
-
 def use(name: str) -> None:
-    losses._target_logp_and_logit_grad = fp32_log_softmax if name == "fp32 log-softmax" else BF16_SOFTMAX
+    losses._target_logp_and_logit_grad = FP32_LOG_SOFTMAX if name == "fp32 log-softmax" else BF16_SOFTMAX
 
 
-def validation_loss_after_training(name: str, seed: int, steps: int, out: str) -> float:
+def validation_loss_after_training(name: str, seed: int, steps: int, cfg: PipelinePretrainConfig, vocab_size: int,
+                                   train: TokenWindows, val: TokenWindows) -> float:
     """Train the pipeline's model for ``steps`` bf16 steps with loss path ``name``; fp32 validation cross-entropy."""
-    cfg = load_config(PipelinePretrainConfig, overrides=[f"output={out}", f"max_steps={steps}"])
-    data = prepare_data(cfg.data, Location(out))
-    shards = data.shard_paths(cfg.data.cache_dir)
-    train, val = TokenWindows(shards["train"], cfg.data.seq_len), TokenWindows(shards["validation"], cfg.data.seq_len)
     use(name)
     torch.manual_seed(seed)
-    model = build_model(cfg.model, vocab_size=data.vocab_size, **cfg.model_overrides)
+    model = build_model(cfg.model, vocab_size=vocab_size, **cfg.model_overrides)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   fused=True)
     order = WindowOrder(train.n_windows, seed)
@@ -88,8 +80,12 @@ def quality(steps: int, seeds: list[int]) -> None:
     print("|---|---|---|---|")
     differences = []
     with tempfile.TemporaryDirectory(prefix="bench-loss-bf16-") as out:
+        cfg = load_config(PipelinePretrainConfig, overrides=[f"output={out}", f"max_steps={steps}"])
+        data = prepare_data(cfg.data, Location(out))
+        shards = data.shard_paths(cfg.data.cache_dir)
+        windows = [TokenWindows(shards[split], cfg.data.seq_len) for split in ("train", "validation")]
         for seed in seeds:
-            old, new = (validation_loss_after_training(name, seed, steps, out)
+            old, new = (validation_loss_after_training(name, seed, steps, cfg, data.vocab_size, *windows)
                         for name in ("fp32 log-softmax", "bf16 softmax"))
             differences.append(new - old)
             print(f"| {seed} | {old:.4f} | {new:.4f} | {new - old:+.4f} |", flush=True)

@@ -29,15 +29,27 @@ CHUNK_ELEMENTS = 1 << 26  # logits per chunk (256 MB in fp32): 1,335 rows at V =
 def _target_logp_and_logit_grad(logits_CV: torch.Tensor, t_C1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's log-probability of its target (C x 1, fp32 or fp64) and d(-logp_t)/d logits = softmax - one-hot
     (in the logits' dtype)."""
-    if logits_CV.dtype != torch.bfloat16:  # fp32 and fp64 as they are; fp16 (whose range is too narrow for the
-        # probabilities) through fp32, its gradient rounded back once
-        logp_CV = torch.log_softmax(logits_CV, dim=-1, dtype=torch.promote_types(logits_CV.dtype, torch.float32))
-        logp_t_C1 = logp_CV.gather(1, t_C1)
-        g_CV = logp_CV.exp_().scatter_add_(1, t_C1, torch.full_like(t_C1, -1.0, dtype=logp_CV.dtype))
-        return logp_t_C1, g_CV.to(logits_CV.dtype)
-    # bf16 logits: one softmax that reads them, computes in fp32 and writes bf16. An fp32 log-softmax, exp and cast
-    # back make four passes over an fp32 copy instead (on CPU at 1,024 x 50,258: 160 ms against about 45). The
-    # gradient is rounded once, as the cast rounded it before.
+    if logits_CV.dtype == torch.bfloat16:
+        return _target_logp_and_logit_grad_bf16(logits_CV, t_C1)
+    # fp32 and fp64 as they are; fp16 (whose range is too narrow for the probabilities) through fp32
+    return _target_logp_and_logit_grad_via_fp32(logits_CV, t_C1)
+
+
+def _target_logp_and_logit_grad_via_fp32(logits_CV: torch.Tensor,
+                                          t_C1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A log-softmax in fp32 (or wider), its exp turned into the gradient in place, rounded back to the logits' dtype
+    once."""
+    logp_CV = torch.log_softmax(logits_CV, dim=-1, dtype=torch.promote_types(logits_CV.dtype, torch.float32))
+    logp_t_C1 = logp_CV.gather(1, t_C1)
+    g_CV = logp_CV.exp_().scatter_add_(1, t_C1, torch.full_like(t_C1, -1.0, dtype=logp_CV.dtype))
+    return logp_t_C1, g_CV.to(logits_CV.dtype)
+
+
+def _target_logp_and_logit_grad_bf16(logits_CV: torch.Tensor,
+                                      t_C1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax that reads the bf16 logits, computes in fp32 and writes bf16. The fp32 path makes four passes over
+    an fp32 copy instead (on CPU at 1,024 x 50,258: 160 ms against about 45). The gradient is rounded once, as the
+    fp32 path rounds it."""
     g_CV = torch.softmax(logits_CV, dim=-1)
     C, V = g_CV.shape
     target_C = torch.arange(C, device=g_CV.device) * V + t_C1[:, 0]  # in the flat view (scatter_ into bf16 is
